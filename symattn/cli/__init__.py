@@ -1,0 +1,65 @@
+"""The ``symattn`` command line: parse, call the API, report.
+
+Each subcommand lives in its own module with two functions: ``add_parser(subparsers)`` registers
+its options and ``run(args) -> int`` does the work and returns the exit status.
+
+Exit statuses: 0 success, 1 a verification found values outside tolerance, 2 a usage error or
+invalid input, 3 any other error (an output file conflict, a failed LaTeX build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from ..errors import InvalidInputError, SymattnError
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+
+# Subcommand modules in the order `symattn --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ("example", "derive")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors also exit with 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"symattn: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the full argument parser; the CLI reference in docs/ is generated from it."""
+    parser = _Parser(
+        prog="symattn",
+        description="Derive multi-head (cross) attention exactly, stage by stage.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("symattn: interrupted; outputs written before now are intact", file=sys.stderr)
+        return 130
+    except SymattnError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"symattn: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_ERROR
+
+
+def entry_point() -> None:
+    sys.exit(main())
