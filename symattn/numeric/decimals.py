@@ -40,19 +40,33 @@ def round_decimal(value: decimal.Decimal, digits: int) -> decimal.Decimal:
     return context.plus(value)
 
 
-def format_decimal(value: decimal.Decimal) -> str:
-    """Format a Decimal in plain notation for moderate exponents, scientific otherwise, without trailing zeros."""
+def format_decimal(value: decimal.Decimal, digits: int | None = None) -> str:
+    """Format a Decimal in plain notation for moderate exponents and scientific notation otherwise.
+
+    With ``digits``, the string shows exactly that many significant digits, trailing zeros
+    included; without, it shows the Decimal's own digits with trailing zeros removed, which
+    suits values that are exact.
+    """
+    if value.is_infinite():
+        return "-inf" if value < 0 else "inf"
     if value.is_zero():
         return "0"
-    value = value.normalize(decimal.Context(prec=MAX_DIGITS + 10))
-    exponent = value.adjusted()
-    if -7 <= exponent <= 21:
-        text = format(value, "f")
-        return text
     sign, digit_tuple, _ = value.as_tuple()
-    digit_text = "".join(map(str, digit_tuple))
+    digit_text = "".join(map(str, digit_tuple)).lstrip("0")
+    exponent = value.adjusted()
+    if digits is None:
+        digit_text = digit_text.rstrip("0")
+    else:
+        digit_text = (digit_text + "0" * digits)[:digits]
+    prefix = "-" if sign else ""
+    if -7 <= exponent < 0:
+        return f"{prefix}0.{'0' * (-exponent - 1)}{digit_text}"
+    if 0 <= exponent <= 21:
+        whole, fraction = digit_text[: exponent + 1], digit_text[exponent + 1 :]
+        whole = whole + "0" * (exponent + 1 - len(whole))
+        return f"{prefix}{whole}.{fraction}" if fraction else f"{prefix}{whole}"
     mantissa = digit_text[0] + ("." + digit_text[1:] if len(digit_text) > 1 else "")
-    return f"{'-' if sign else ''}{mantissa}e{exponent:+d}"
+    return f"{prefix}{mantissa}e{exponent:+d}"
 
 
 def rational_to_decimal(value: sp.Rational, digits: int) -> decimal.Decimal:
@@ -76,9 +90,13 @@ def mpf_to_decimal(value: mpmath.mpf | tuple) -> decimal.Decimal:
 
 
 def entry_to_decimal(expr: sp.Expr, digits: int) -> decimal.Decimal | None:
-    """Return the entry correctly rounded to ``digits`` significant digits, or None for NaN."""
+    """Return the entry correctly rounded to ``digits`` significant digits, or None for NaN.
+
+    Infinite entries (the masked logits of hidden keys) come back as infinite Decimals."""
     if expr is sp.nan:
         return None
+    if expr in (sp.oo, -sp.oo):  # a hidden key's masked logit
+        return decimal.Decimal("Infinity") if expr is sp.oo else decimal.Decimal("-Infinity")
     if isinstance(expr, sp.Rational):
         return rational_to_decimal(expr, digits)
     if expr.free_symbols:
@@ -115,8 +133,23 @@ def _short(expr: sp.Basic, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _terminates_within(value: sp.Rational, digits: int) -> bool:
+    """Return whether the rational's decimal expansion ends within ``digits`` significant digits."""
+    q = int(value.q)
+    for prime in (2, 5):
+        while q % prime == 0:
+            q //= prime
+    if q != 1:
+        return False
+    exact = decimal.Context(prec=MAX_DIGITS).divide(decimal.Decimal(int(value.p)), decimal.Decimal(int(value.q)))
+    return len(exact.normalize().as_tuple().digits) <= digits
+
+
 def matrix_to_decimals(matrix: sp.MatrixBase, digits: int = DEFAULT_DIGITS) -> list[list[str]]:
     """Evaluate every entry of a matrix to ``digits`` correctly rounded significant digits.
+
+    Entries with a terminating decimal expansion that fits are shown exactly ("3", "0.25");
+    every other entry shows exactly ``digits`` significant digits, trailing zeros included.
 
     >>> matrix_to_decimals(sp.Matrix([[sp.Rational(1, 3), sp.E]]), 10)
     [['0.3333333333', '2.718281828']]
@@ -126,7 +159,13 @@ def matrix_to_decimals(matrix: sp.MatrixBase, digits: int = DEFAULT_DIGITS) -> l
     for i in range(matrix.shape[0]):
         row = []
         for j in range(matrix.shape[1]):
-            value = entry_to_decimal(matrix[i, j], digits)
-            row.append("nan" if value is None else format_decimal(value))
+            entry = matrix[i, j]
+            value = entry_to_decimal(entry, digits)
+            if value is None:
+                row.append("nan")
+            elif isinstance(entry, sp.Rational) and _terminates_within(entry, digits):
+                row.append(format_decimal(value))  # the exact value, so no trailing zeros
+            else:
+                row.append(format_decimal(value, digits))
         rows.append(row)
     return rows
