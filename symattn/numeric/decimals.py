@@ -86,7 +86,8 @@ def mpf_to_decimal(value: mpmath.mpf | tuple) -> decimal.Decimal:
     else:
         # m / 2^k = m · 5^k / 10^k, which the decimal module holds exactly.
         magnitude = exact.scaleb(decimal.Decimal(mantissa * 5**-exponent), exponent)
-    return -magnitude if sign else magnitude
+    # copy_negate is exact; unary minus would round to the default context's 28 digits.
+    return magnitude.copy_negate() if sign else magnitude
 
 
 def entry_to_decimal(expr: sp.Expr, digits: int) -> decimal.Decimal | None:
