@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import sympy as sp
 
 from .errors import InvalidInputError, MaskError, ShapeError
+from .limits import DEFAULT_MAX_EXPRESSION_SIZE, check_expression_size
 from .spec import AttentionSpec, normalise_masks
 from .values import to_matrix, to_row_vector
 
@@ -129,12 +130,15 @@ def derive(
     causal: str | None = None,
     key_length: int | None = None,
     masked_rows: str = "error",
+    max_expression_size: int | None = DEFAULT_MAX_EXPRESSION_SIZE,
 ) -> Derivation:
     """Derive multi-head cross attention exactly from the two sources and the weights.
 
     ``kv_source`` serves as both key and value source; give ``key_source`` and
     ``value_source`` instead when they differ. With ``kv_source`` omitted as well, the
     attention is self attention over ``query_source``. ``mask`` is a Mask or a list of Masks.
+    A case whose stages would exceed ``max_expression_size`` expression nodes, estimated before
+    they are built, raises ResourceLimitError (see ``symattn.limits``); None turns the check off.
 
     >>> d = derive([[1, 0]], [[1, 0], [0, 1]], W_Q=[[1, 0], [0, 1]], W_K=[[1, 0], [0, 1]],
     ...            W_V=[[1, 0], [0, 1]], scale="none")
@@ -163,7 +167,7 @@ def derive(
     }
     _add_biases(inputs, {"b_Q": (b_Q, "W_Q"), "b_K": (b_K, "W_K"), "b_V": (b_V, "W_V")})
     _add_output_projection(inputs, W_O, b_O)
-    return _build(spec, inputs, direct=False)
+    return _build(spec, inputs, direct=False, max_expression_size=max_expression_size)
 
 
 def derive_direct(
@@ -179,11 +183,12 @@ def derive_direct(
     causal: str | None = None,
     key_length: int | None = None,
     masked_rows: str = "error",
+    max_expression_size: int | None = DEFAULT_MAX_EXPRESSION_SIZE,
 ) -> Derivation:
     """Derive attention from Q, K and V themselves, with no input projections.
 
     This is the form in which attention kernels (``scaled_dot_product_attention``,
-    FlashAttention) start.
+    FlashAttention) start. ``max_expression_size`` works as in ``derive``.
 
     >>> d = derive_direct([[1, 1]], [[1, 1], [1, -1]], [[1], [0]])
     >>> d["A_0"][0, 0]
@@ -192,7 +197,7 @@ def derive_direct(
     spec = AttentionSpec(heads, scale, normalise_masks(mask), causal, key_length, masked_rows)
     inputs = {"Q": to_matrix(Q, "Q"), "K": to_matrix(K, "K"), "V": to_matrix(V, "V")}
     _add_output_projection(inputs, W_O, b_O)
-    return _build(spec, inputs, direct=True)
+    return _build(spec, inputs, direct=True, max_expression_size=max_expression_size)
 
 
 def _add_biases(inputs: dict, biases: dict) -> None:
@@ -232,7 +237,9 @@ def _check_heads(width: int, heads: int, name: str) -> int:
     return width // heads
 
 
-def _build(spec: AttentionSpec, inputs: dict, direct: bool) -> Derivation:
+def _build(spec: AttentionSpec, inputs: dict, direct: bool,
+           max_expression_size: int | None = DEFAULT_MAX_EXPRESSION_SIZE) -> Derivation:
+    check_expression_size(spec, inputs, direct, max_expression_size)
     stages: dict[str, sp.ImmutableMatrix] = {}
 
     # Projections: rows are tokens, so Q = X_q W_Q (+ b_Q).

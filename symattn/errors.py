@@ -23,6 +23,10 @@ class MaskError(InvalidInputError):
     """A mask is malformed, or a query row has no key left to attend to under policy "error"."""
 
 
+class ResourceLimitError(InvalidInputError):
+    """A request exceeds a resource limit: stages too large to build, or an input file too large."""
+
+
 class UnsupportedError(SymattnError):
     """A valid request that this version does not handle."""
 
