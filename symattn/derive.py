@@ -102,12 +102,29 @@ class Derivation:
         return symbols
 
     def subs(self, values: dict) -> "Derivation":
-        """Return the derivation with symbols replaced by exact values, rebuilt stage by stage."""
+        """Return the derivation with symbols replaced by exact values, rebuilt stage by stage.
+
+        Keys are the derivation's symbols or their names (``"w"``, ``"x_{1,1}"``).
+        """
         from .values import to_exact
 
-        exact = {symbol: to_exact(value, f"value of {symbol}") for symbol, value in values.items()}
+        exact = {
+            self._own_symbol(symbol): to_exact(value, f"value of {symbol}") for symbol, value in values.items()
+        }
         inputs = {name: matrix.subs(exact) for name, matrix in self.inputs.items()}
         return _build(self.spec, inputs, self.direct)
+
+    def _own_symbol(self, key: Any) -> sp.Symbol:
+        # SymPy's own subs turns a string key into a new Symbol without real=True, which matches
+        # none of ours and substitutes nothing, so names are matched here, never parsed.
+        name = key.name if isinstance(key, sp.Symbol) else key
+        symbols = {symbol.name: symbol for symbol in self.free_symbols}
+        if not isinstance(name, str) or name not in symbols:
+            raise InvalidInputError(
+                f"subs key {key!r} is not a symbol of this derivation; its symbols are "
+                f"{', '.join(sorted(symbols)) or 'none'}"
+            )
+        return symbols[name]
 
 
 def derive(

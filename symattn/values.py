@@ -31,10 +31,13 @@ MAX_DECIMAL_EXPONENT = 4000
 MAX_NAME_LENGTH = 64
 MAX_NUMBER_LENGTH = 2000
 
-_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_RATIO = re.compile(r"[+-]?\d+/\d+")
+# re.ASCII keeps \d to 0-9, so look-alike digits such as "１" or "٣" are not numbers.
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_RATIO = re.compile(r"[+-]?\d+/\d+", re.ASCII)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*")
 _BASE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+# Entries spelled like these mean a non-finite float, never a symbol of that name.
+_NON_FINITE_NAMES = frozenset({"nan", "inf", "infinity"})
 
 
 def parse_number(text: str, where: str = "value") -> sp.Rational:
@@ -115,6 +118,11 @@ def parse_entry(text: str, where: str = "entry") -> sp.Expr:
         return parse_number(stripped, where)
     negate = stripped.startswith("-")
     name = stripped[1:] if negate else stripped
+    if name.lower() in _NON_FINITE_NAMES:
+        raise InvalidInputError(
+            f"{where} {text!r} is not a finite number, so it has no exact value; give a finite "
+            f"number, or hide the key with a mask (an additive mask accepts '-inf')"
+        )
     if len(name) <= MAX_NAME_LENGTH and _NAME.fullmatch(name):
         symbol = make_symbol(name, where)
         return -symbol if negate else symbol
@@ -158,6 +166,16 @@ def _exact_binary_or_decimal(value: Any, where: str) -> sp.Rational:
             f"{where} is {value}, which has no exact value; replace NaN and infinities with "
             f"finite numbers (use a mask to hide a key)"
         )
+    if isinstance(value, decimal.Decimal):
+        # The same bounds as for decimal strings: Decimal("1e999999999") would otherwise
+        # become an integer of a billion digits.
+        _, digit_tuple, exponent = value.as_tuple()
+        if len(digit_tuple) > MAX_NUMBER_LENGTH or abs(exponent) > MAX_DECIMAL_EXPONENT:
+            raise InvalidInputError(
+                f"{where} is a decimal with {len(digit_tuple)} digits and exponent {exponent}; "
+                f"numbers take at most {MAX_NUMBER_LENGTH} digits and a decimal exponent within "
+                f"±{MAX_DECIMAL_EXPONENT}, so rescale the inputs"
+            )
     numerator, denominator = value.as_integer_ratio()
     return sp.Rational(numerator, denominator)
 
@@ -216,7 +234,10 @@ def to_matrix(value: Any, name: str) -> sp.ImmutableMatrix:
     symbol_spec = _symbol_spec(value)
     if symbol_spec is not None:
         base, (rows, cols) = symbol_spec
-        return symbol_matrix(base, rows, cols)
+        try:
+            return symbol_matrix(base, rows, cols)
+        except InvalidInputError as error:
+            raise type(error)(f"{name}: {error}") from None
     if isinstance(value, sp.MatrixBase):
         rows_list = value.tolist()
     elif type(value).__module__ == "numpy":
