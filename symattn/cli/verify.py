@@ -1,0 +1,66 @@
+"""``symattn verify CASE``: compare an implementation's outputs in a case file with the reference."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..errors import InvalidInputError
+from . import EXIT_OK, EXIT_VERIFICATION_FAILED
+
+ENGINE_CHOICES = ("auto", "flint", "mpmath", "sympy")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="verify an implementation's output against the certified reference",
+        description=(
+            "Compare the implementation's output in CASE (and its attention weights and per-head "
+            "outputs, where CASE has them) with the certified reference. Prints a table, or JSON "
+            "with --json. Exits with 0 when every entry is within tolerance, 1 when some are not, "
+            "and 2 on invalid input. Without a tolerance, torch.testing's default rtol and atol "
+            "for the dtype apply."
+        ),
+    )
+    parser.add_argument("case", metavar="CASE", help="the case: an .npz archive or a .toml file (see docs/case-format.md)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--ulps", type=float, metavar="N", help="tolerance in ULPs of the implementation's dtype")
+    parser.add_argument("--rtol", type=float, metavar="R", help="relative tolerance: |a − r| ≤ atol + rtol·|r|")
+    parser.add_argument("--atol", type=float, metavar="A", help="absolute tolerance: |a − r| ≤ atol + rtol·|r|")
+    parser.add_argument("--digits", type=int, default=50, metavar="N",
+                        help="significant digits of the reference (default: 50)")
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                        help="reference engine (default: auto, python-flint when installed, else mpmath)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..verify import Tolerance, load_case, verify
+
+    started = time.perf_counter()
+    case = load_case(args.case)
+    if case.output is None:
+        raise InvalidInputError(
+            f"case {args.case!r} has no 'output' array, so there is nothing to verify; add the "
+            f"implementation's output, or export references with `symattn reference`"
+        )
+    tolerance = None
+    if args.ulps is not None or args.rtol is not None or args.atol is not None:
+        tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
+    report = verify(
+        case.problem,
+        case.output,
+        weights=case.attention_weights,
+        average_weights=case.average_weights,
+        head_outputs=case.head_outputs,
+        dtype=case.dtype,
+        tolerance=tolerance,
+        digits=args.digits,
+        engine=args.engine,
+    )
+    sys.stdout.write(report.to_json() if args.json else report.to_table())
+    elapsed = time.perf_counter() - started
+    print(f"symattn: verified {args.case} in {elapsed:.2f} s", file=sys.stderr)
+    return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED
