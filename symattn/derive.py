@@ -126,6 +126,23 @@ class Derivation:
             )
         return symbols[name]
 
+    def grad(self, objective: Any, wrt: Any) -> sp.ImmutableMatrix:
+        """Return the exact gradient of a scalar objective, shaped like ``wrt``, in reverse mode.
+
+        ``objective``: ``"sum"``, ``("output", i, j)``, an upstream gradient G (L = ⟨G, output⟩)
+        or a SymPy expression of stage entries; ``wrt``: an input, weight, bias or stage name.
+        See ``symattn.gradients.grad``.
+        """
+        from .gradients import grad
+
+        return grad(self, objective, wrt)
+
+    def jacobian(self, stage: str, wrt: str) -> sp.ImmutableMatrix:
+        """Return ∂ vec(stage) / ∂ vec(wrt), flattened row-major; see ``symattn.gradients.jacobian``."""
+        from .gradients import jacobian
+
+        return jacobian(self, stage, wrt)
+
 
 def derive(
     query_source: Any,
