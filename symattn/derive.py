@@ -384,6 +384,12 @@ def softmax_rows(Z: sp.MatrixBase, masked_rows: str = "error") -> sp.ImmutableMa
                     f"row {i} has no visible entry; pass masked_rows='zeros' or 'nan', or change the mask"
                 )
             continue
+        if all(e == kept[0] for e in kept):
+            # Equal logits share the weight 1/k. SymPy would leave e^z / (k e^z) as
+            # exp(z)·exp(−z)/k when z is a sum such as w + 1/100.
+            weight = sp.Rational(1, len(kept))
+            entries.append([sp.Integer(0) if e is None else weight for e in exps])
+            continue
         denominator = sp.Add(*kept)
         entries.append([sp.Integer(0) if e is None else e / denominator for e in exps])
     return sp.ImmutableMatrix(entries)
