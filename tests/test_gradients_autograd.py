@@ -152,3 +152,77 @@ def test_hessian_vector_product_matches_double_backward(weight):
     assert check.passed
     assert check.comparison.max_rel_error < 1e-11
     assert check.comparison.max_abs_error < 1e-13
+
+
+# Problems and `symattn verify --grad`.
+
+def test_problem_gradients_projection_case():
+    from symattn import AttentionSpec
+    from symattn.problem import Problem
+    from symattn.verify.autograd import compare_problem_gradients
+
+    rng = np.random.default_rng(10)
+    problem = Problem.from_arrays(
+        spec=AttentionSpec(heads=2, causal="top_left"),
+        query_source=rng.standard_normal((3, 4)), key_source=rng.standard_normal((3, 2)),
+        value_source=rng.standard_normal((3, 5)), W_Q=rng.standard_normal((4, 4)),
+        W_K=rng.standard_normal((2, 4)), W_V=rng.standard_normal((5, 4)), b_V=rng.standard_normal(4),
+        W_O=rng.standard_normal((4, 4)),
+    )
+    report = compare_problem_gradients(problem, dtypes=("float64",))
+    names = [stage.name for stage in report.report("float64").stages]
+    assert "grad k_proj_weight" in names
+    assert_close_in_float64(report)
+
+
+def test_problem_gradients_reject_non_square_query_projection():
+    from symattn import AttentionSpec
+    from symattn.problem import Problem
+    from symattn.verify.autograd import compare_problem_gradients
+
+    problem = Problem.from_arrays(
+        spec=AttentionSpec(), query_source=[[1, 0, 1]], kv_source=[[1, 0, 1]],
+        W_Q=[[1, 0], [0, 1], [1, 1]], W_K=[[1, 0], [0, 1], [1, 1]], W_V=[[1, 0], [0, 1], [1, 1]],
+    )
+    with pytest.raises(UnsupportedError, match="nn.MultiheadAttention needs W_Q and W_O of shape"):
+        compare_problem_gradients(problem)
+
+
+def test_cli_verify_grad_fully_masked_rows(tmp_path, capsys):
+    import json
+
+    from symattn.cli import main
+
+    # Queries 1 and 2 see no key; under policy "zeros" every gradient is finite and exact.
+    X = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    path = tmp_path / "case.npz"
+    np.savez(
+        path,
+        spec=json.dumps({"masked_rows": "zeros", "masks": [
+            {"kind": "block", "values": [False, True, True]},
+            {"kind": "block", "values": [[False, False, False], [True, False, False], [True, True, False]]},
+        ]}),
+        Q=np.array(X), K=np.array(X), V=np.array(X),
+    )
+    assert main(["verify", str(path), "--grad"]) == 0
+    table = capsys.readouterr().out
+    assert "gradients of scaled_dot_product_attention" in table
+    assert "float32 implementation" in table
+    assert main(["verify", str(path), "--grad", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is True
+    assert [stage["name"] for stage in report["reports"][0]["stages"]] == ["grad query", "grad key", "grad value"]
+    assert all(stage["nan_count"] == 0 for r in report["reports"] for stage in r["stages"])
+
+
+def test_cli_verify_grad_fails_zero_ulps(tmp_path):
+    import json
+
+    from symattn.cli import main
+
+    rng = np.random.default_rng(12)
+    path = tmp_path / "case.npz"
+    np.savez(path, spec=json.dumps({"heads": 2}), query_source=rng.standard_normal((3, 4)),
+             key_source=rng.standard_normal((4, 4)), value_source=rng.standard_normal((4, 4)),
+             W_Q=rng.standard_normal((4, 4)), W_K=rng.standard_normal((4, 4)), W_V=rng.standard_normal((4, 4)))
+    assert main(["verify", str(path), "--grad", "--ulps", "0"]) == 1

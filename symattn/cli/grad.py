@@ -8,8 +8,10 @@ N certified digits), where ``<name>`` is the file's name without ``.toml``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ..gradients import grad, parse_objective
 from ..loaders import load_derivation_file
 from ..numeric.balls import certified_decimals
 from ..numeric.decimals import check_digits
-from . import EXIT_OK
+from . import EXIT_OK, EXIT_VERIFICATION_FAILED
 from .derive import add_output_options
 
 # An exact entry longer than this many characters prints as its decimal value instead.
@@ -102,6 +104,25 @@ def run(args: argparse.Namespace) -> int:
         print(build_hint)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return EXIT_OK
+
+
+def verify_gradients(args: argparse.Namespace, case: object, started: float) -> int:
+    """Run ``symattn verify CASE --grad``: PyTorch autograd on the case against the exact gradients.
+
+    Prints the report (a table, or JSON with --json) and returns 0 when every gradient is
+    within tolerance and 1 otherwise.
+    """
+    from ..verify import Tolerance
+    from ..verify.autograd import compare_problem_gradients
+
+    check_digits(args.digits)
+    tolerance = None
+    if args.ulps is not None or args.rtol is not None or args.atol is not None:
+        tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
+    report = compare_problem_gradients(case.problem, digits=args.digits, tolerance=tolerance)
+    sys.stdout.write(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n" if args.json else report.to_table())
+    print(f"symattn: verified the gradients of {args.case} in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED
 
 
 def _objective(text: str) -> str | tuple[str, int, int]:

@@ -33,6 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="significant digits of the reference (default: 50)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="reference engine (default: auto, python-flint when installed, else mpmath)")
+    # Gradients: symattn.cli.grad.verify_gradients runs the check.
+    parser.add_argument("--grad", action="store_true",
+                        help="instead of the stored output, run PyTorch autograd on CASE's inputs in "
+                             "float64 and float32 and compare its gradients of the output's sum "
+                             "with the exact gradients")
     parser.set_defaults(run=run)
 
 
@@ -41,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     case = load_case(args.case)
+    if args.grad:
+        from .grad import verify_gradients
+
+        return verify_gradients(args, case, started)
     if case.output is None:
         raise InvalidInputError(
             f"case {args.case!r} has no 'output' array, so there is nothing to verify; add the "

@@ -111,6 +111,95 @@ def compare_gradients(
     return GradientReport(name, tuple(reports))
 
 
+def compare_problem_gradients(
+    problem: Any,
+    *,
+    upstream: Any = None,
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES,
+    digits: int = DEFAULT_DIGITS,
+    tolerance: Tolerance | None = None,
+) -> GradientReport:
+    """Run PyTorch on a Problem and compare its autograd gradients with the exact ones.
+
+    A Problem with projections runs as an ``nn.MultiheadAttention`` (which needs the query
+    width, d_model and the output width to be equal), a Problem given as Q, K and V as
+    ``scaled_dot_product_attention`` with its heads on dimension -3. Masks become one float
+    attention mask (−inf where hidden) and fully masked rows follow the problem's policy.
+
+    NOTE: the inputs, an additive mask and a scale other than 1/√d_k reach PyTorch as float64
+    values, so a rational such as 1/3 is rounded first; the exact gradients are those of the
+    rounded values PyTorch received.
+    """
+    fn, tensors, options = _torch_call(problem)
+    return compare_gradients(
+        fn, *tensors, upstream=upstream, dtypes=dtypes, digits=digits, tolerance=tolerance,
+        masked_rows=problem.spec.masked_rows, **options,
+    )
+
+
+def _torch_call(problem: Any) -> tuple[Any, tuple[torch.Tensor, ...], dict]:
+    """Return (callable, (query, key, value), keyword arguments) that compute ``problem`` in PyTorch."""
+    inputs = {name: torch.tensor(np.asarray(value, dtype=np.float64)) for name, value in problem.inputs.items()}
+    mask = _float_mask(problem)
+    if problem.direct:
+        if "W_O" in inputs:
+            raise UnsupportedError(
+                "a problem given as Q, K and V with an output projection has no PyTorch "
+                "equivalent here; drop W_O, or give the sources and weights instead"
+            )
+        heads = problem.heads
+        # (n, h·d) with head i in columns i·d … (i+1)·d − 1  ->  (h, n, d).
+        tensors = tuple(inputs[name].reshape(inputs[name].shape[0], heads, -1).transpose(0, 1) for name in ("Q", "K", "V"))
+        options = {"attn_mask": None if mask is None else mask}
+        scale = problem.spec.scale
+        if scale != "sqrt_dk":
+            options["scale"] = float(problem.spec.scale_value(problem.d_k, problem.n_kv))
+        return torch.nn.functional.scaled_dot_product_attention, tensors, options
+    return _mha_module(problem, inputs), (inputs["query_source"], inputs["key_source"], inputs["value_source"]), {
+        "attn_mask": mask, "need_weights": False,
+    }
+
+
+def _float_mask(problem: Any) -> torch.Tensor | None:
+    """Return the problem's masks as one additive float mask (heads, n_q, n_kv), or None."""
+    if not problem.spec.has_mask:
+        return None
+    visible, bias = problem.visibility()
+    values = np.zeros(visible.shape) if bias is None else np.vectorize(float, otypes=[np.float64])(bias)
+    return torch.tensor(np.where(visible, values, -np.inf))
+
+
+def _mha_module(problem: Any, inputs: dict[str, torch.Tensor]) -> torch.nn.MultiheadAttention:
+    """Build an nn.MultiheadAttention with the problem's weights (transposed to PyTorch's layout)."""
+    W_Q = inputs["W_Q"]
+    E = W_Q.shape[1]
+    if W_Q.shape[0] != E or inputs["W_V"].shape[1] != E or ("W_O" in inputs and tuple(inputs["W_O"].shape) != (E, E)):
+        raise UnsupportedError(
+            f"nn.MultiheadAttention needs W_Q and W_O of shape ({E}, {E}) and W_V with {E} "
+            f"columns, but W_Q is {tuple(W_Q.shape)}, W_V is {tuple(inputs['W_V'].shape)}"
+            + (f" and W_O is {tuple(inputs['W_O'].shape)}" if "W_O" in inputs else "")
+            + "; compare such a problem through its own implementation instead"
+        )
+    has_bias = any(name in inputs for name in ("b_Q", "b_K", "b_V", "b_O"))
+    module = torch.nn.MultiheadAttention(
+        E, problem.heads, bias=has_bias, kdim=inputs["W_K"].shape[0], vdim=inputs["W_V"].shape[0],
+        dtype=torch.float64,
+    )
+    zeros = torch.zeros(E, dtype=torch.float64)
+    with torch.no_grad():
+        # PyTorch computes x Wᵀ + b, so each weight goes in transposed; a missing bias is 0.
+        if module._qkv_same_embed_dim:
+            module.in_proj_weight.copy_(torch.cat([inputs[name].T for name in ("W_Q", "W_K", "W_V")]))
+        else:
+            for letter, name in zip("qkv", ("W_Q", "W_K", "W_V")):
+                getattr(module, f"{letter}_proj_weight").copy_(inputs[name].T)
+        module.out_proj.weight.copy_(inputs["W_O"].T if "W_O" in inputs else torch.eye(E, dtype=torch.float64))
+        if has_bias:
+            module.in_proj_bias.copy_(torch.cat([inputs.get(name, zeros).reshape(-1) for name in ("b_Q", "b_K", "b_V")]))
+            module.out_proj.bias.copy_(inputs.get("b_O", zeros).reshape(-1))
+    return module
+
+
 @dataclass(frozen=True)
 class _Run:
     """One autograd run: the cast call, its output, upstream gradient and autograd's gradients."""
