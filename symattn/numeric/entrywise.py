@@ -229,6 +229,8 @@ def _is_special(value: Value) -> bool:
 
 
 def _add(a: Value, b: Value, arithmetic: Arithmetic) -> Value:
+    if _is_special(a) or _is_special(b):  # NaN or −inf absorbs any finite term
+        return (a if _is_special(a) else 0.0) + (b if _is_special(b) else 0.0)
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a + b
     return _enclose(a, arithmetic) + _enclose(b, arithmetic)

@@ -22,7 +22,7 @@ import decimal
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -45,6 +45,16 @@ MAX_REFINE_BITS = 1 << 16
 _warned_fallback = False
 
 
+class StageValues(Protocol):
+    """What an engine returns per stage: a shape, a narrowness test and exact endpoints on request."""
+
+    shape: tuple[int, int]
+
+    def is_narrow(self, bits: int) -> bool: ...
+
+    def to_intervals(self) -> "Intervals": ...
+
+
 @dataclass
 class Intervals:
     """Flat row-major entries with lo[k]/den[k] ≤ x_k ≤ hi[k]/den[k], or a special value.
@@ -64,6 +74,9 @@ class Intervals:
               special: dict[int, float] | None = None) -> "Intervals":
         size = len(numerators)
         return cls(tuple(shape), numerators, numerators, [denominator] * size, special or {})
+
+    def to_intervals(self) -> "Intervals":
+        return self
 
     def is_narrow(self, bits: int) -> bool:
         """Whether every entry is exact or has relative width at most 2^-bits.
@@ -98,8 +111,8 @@ class CertifiedMatrix:
     stage is recomputed at a higher precision.
     """
 
-    def __init__(self, name: str, shape: tuple[int, int], values: "Intervals | Callable[[], Intervals]",
-                 precision: int, digits: int, refine: Callable[[int], Intervals] | None = None) -> None:
+    def __init__(self, name: str, shape: tuple[int, int], values: "StageValues",
+                 precision: int, digits: int, refine: Callable[[int], "StageValues"] | None = None) -> None:
         self.name = name
         self.shape = tuple(int(n) for n in shape)
         self.precision = precision
@@ -115,8 +128,8 @@ class CertifiedMatrix:
     @property
     def intervals(self) -> Intervals:
         """The entries at the precision the reference was computed with."""
-        if callable(self._values):
-            self._values = self._values()
+        if not isinstance(self._values, Intervals):
+            self._values = self._values.to_intervals()
         return self._values
 
     def rounded(self, dtype: str) -> np.ndarray:
@@ -207,7 +220,7 @@ class CertifiedMatrix:
                 f"{precision // 2} bits; its value may lie exactly on a rounding boundary or be an exact "
                 f"zero reached through cancellation"
             )
-        values = self._refine(precision)
+        values = self._refine(precision).to_intervals()
         self._finer.append((precision, values))
         return values
 

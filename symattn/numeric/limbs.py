@@ -1,0 +1,227 @@
+"""Exact big-integer arrays in NumPy: limbs, residue number system and Chinese remaindering.
+
+A big integer is stored as LIMB_BITS-bit limbs in float64, least significant first along axis 0:
+x = Σ_l limbs[l] · 2^(LIMB_BITS · l). Normalised limbs lie in [0, 2^LIMB_BITS) except the top one,
+which carries the sign, so −1 is [2^24 − 1, −1]. Every operation keeps each float64 an integer
+below 2^53 in magnitude, so all arithmetic is exact.
+
+Matrix products of big integers go through a residue number system: the factors are reduced
+modulo primes p below 2^22–2^24, each product of residues is an ordinary BLAS float64 product whose
+sums stay below 2^53 (so it is exact), and the Chinese remainder theorem recombines the residues
+into limbs. This is the residue variant of the Ozaki scheme for exact products with floating-point
+BLAS; it needs one BLAS product per prime instead of one per pair of slices.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+LIMB_BITS = 24
+LIMB = float(1 << LIMB_BITS)
+INVERSE_LIMB = 1.0 / LIMB
+EXACT = float(1 << 53)
+
+
+def normalize(limbs: np.ndarray) -> np.ndarray:
+    """Propagate carries in place so every limb but the top one lies in [0, 2^24); return the array."""
+    if limbs.shape[0] < 2:
+        return limbs
+    carry = np.empty(limbs.shape[1:])
+    shifted = np.empty(limbs.shape[1:])
+    for l in range(limbs.shape[0] - 1):
+        np.multiply(limbs[l], INVERSE_LIMB, out=carry)
+        np.floor(carry, out=carry)
+        np.multiply(carry, LIMB, out=shifted)
+        np.subtract(limbs[l], shifted, out=limbs[l])
+        np.add(limbs[l + 1], carry, out=limbs[l + 1])
+    return limbs
+
+
+def from_ints(values: list[int], count: int) -> np.ndarray:
+    """Return the limbs of Python ints (shape (count, len(values))); each must fit in count limbs."""
+    limbs = np.zeros((count, len(values)))
+    mask = (1 << LIMB_BITS) - 1
+    for column, value in enumerate(values):
+        for l in range(count - 1):
+            limbs[l, column] = value & mask
+            value >>= LIMB_BITS
+        limbs[count - 1, column] = value
+    return limbs
+
+
+def to_ints(limbs: np.ndarray) -> list[int]:
+    """Return the Python ints of a (count, n) limb array (n entries)."""
+    columns = limbs.reshape(limbs.shape[0], -1).astype(np.int64).T.tolist()
+    values = []
+    for column in columns:
+        value = 0
+        for limb in reversed(column):
+            value = (value << LIMB_BITS) + limb
+        values.append(value)
+    return values
+
+
+def limb_count(bits: int) -> int:
+    """Return how many limbs hold a signed integer of ``bits`` bits, top limb included."""
+    return bits // LIMB_BITS + 1
+
+
+def magnitudes(limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (negative, |x| limbs): the sign of each normalised entry and its normalised magnitude."""
+    negative = limbs[-1] < 0
+    if not negative.any():
+        return negative, limbs
+    return negative, normalize(np.where(negative, -limbs, limbs))
+
+
+def approximate(limbs: np.ndarray, exponent: int = 0) -> np.ndarray:
+    """Return float64 approximations of normalised limbs · 2^exponent (relative error below 2^-47).
+
+    Summing the magnitude's limbs avoids the cancellation that a negative top limb would cause
+    against the nonnegative lower limbs; every term is nonnegative, so the sum is accurate.
+    """
+    negative, magnitude = magnitudes(limbs)
+    value = np.zeros(limbs.shape[1:])
+    for l in range(limbs.shape[0] - 1, -1, -1):
+        value = value + np.ldexp(magnitude[l], LIMB_BITS * l + exponent)
+    return np.where(negative, -value, value)
+
+
+def magnitude_bits(limbs: np.ndarray) -> int:
+    """Return an upper bound on the bit length of the largest |entry| of normalised limbs."""
+    if limbs.size == 0:
+        return 0
+    for l in range(limbs.shape[0] - 1, -1, -1):
+        largest = float(np.max(np.abs(limbs[l])))
+        if largest:
+            return LIMB_BITS * l + math.frexp(largest)[1] + 1
+    return 0
+
+
+# Residue number system ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def primes_below(bits: int, count: int) -> tuple[int, ...]:
+    """Return the ``count`` largest primes below 2^bits (odd, distinct), largest first."""
+    primes = []
+    candidate = (1 << bits) - 1
+    while len(primes) < count:
+        if _is_prime(candidate):
+            primes.append(candidate)
+        candidate -= 2
+    return tuple(primes)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    for d in range(3, math.isqrt(n) + 1, 2):
+        if n % d == 0:
+            return False
+    return True
+
+
+def prime_bits_for(inner: int) -> int:
+    """Return the prime size that keeps a float64 dot product of ``inner`` residues exact.
+
+    Symmetric residues satisfy |r| ≤ (p + 1)/2 < 2^(bits−1), so a sum of ``inner`` products stays
+    below inner · 2^(2·bits − 2), which must not exceed 2^52.
+    """
+    bits = (54 - math.ceil(math.log2(max(inner, 2)))) // 2
+    return min(bits, 24)
+
+
+class PrimeSet:
+    """A set of primes with the constants for reduction and Chinese remaindering into limbs."""
+
+    def __init__(self, primes: tuple[int, ...]) -> None:
+        self.primes = primes
+        self.p = np.array(primes, dtype=np.float64)
+        self.inverse_p = 1.0 / self.p
+        modulus = math.prod(primes)
+        self.modulus = modulus
+        self.out_limbs = limb_count(modulus.bit_length() + 8)
+        # Explicit CRT: x = Σ_k y_k · (M/p_k) − t · M with y_k = r_k · ((M/p_k)^-1 mod p_k) mod p_k.
+        cofactors = [modulus // p for p in primes]
+        self.inverse_cofactors = np.array([pow(c % p, -1, p) for c, p in zip(cofactors, primes)], dtype=np.float64)
+        self.cofactor_limbs = from_ints(cofactors, self.out_limbs)  # (out_limbs, P), limbs < 2^24
+        self.modulus_limbs = from_ints([modulus], self.out_limbs)[:, 0]
+
+    def __len__(self) -> int:
+        return len(self.primes)
+
+    def power_of_two_residues(self, exponent: int) -> np.ndarray:
+        """Return 2^exponent mod p for each prime, as symmetric residues (exponent ≥ 0)."""
+        return self.reduce_array(np.array([float(pow(2, exponent, p)) for p in self.primes]))
+
+    def reduce_array(self, values: np.ndarray) -> np.ndarray:
+        """Reduce values of shape (P, ...) with |values| < 2^52 to symmetric residues, in place."""
+        shape = (len(self.primes),) + (1,) * (values.ndim - 1)
+        quotient = np.multiply(values, self.inverse_p.reshape(shape))
+        np.rint(quotient, out=quotient)
+        np.multiply(quotient, self.p.reshape(shape), out=quotient)
+        np.subtract(values, quotient, out=values)
+        return values
+
+    def residues_of_limbs(self, limbs: np.ndarray) -> np.ndarray:
+        """Return the symmetric residues (P, ...) of the integers given by limbs (L, ...)."""
+        count = limbs.shape[0]
+        weights = np.stack([self.power_of_two_residues(LIMB_BITS * l) for l in range(count)], axis=1)  # (P, L)
+        # Each term is below 2^24 · 2^23, so a sum of up to 2^5 limbs stays below 2^52.
+        if count > 32:
+            raise ValueError(f"{count} limbs exceed the exact residue sum; split the value first")
+        flat = limbs.reshape(count, -1)
+        residues = weights @ flat
+        return self.reduce_array(residues).reshape((len(self.primes),) + limbs.shape[1:])
+
+    def residues_of_floats(self, chunks: np.ndarray, chunk_bits: int) -> np.ndarray:
+        """Return residues of integers given as float chunks x = Σ_c chunks[c] · 2^(chunk_bits · c).
+
+        Chunks must be integers below 2^24 in magnitude; this is the same computation as for limbs
+        with another chunk width.
+        """
+        count = chunks.shape[0]
+        weights = np.stack([self.power_of_two_residues(chunk_bits * c) for c in range(count)], axis=1)
+        residues = weights @ chunks.reshape(count, -1)
+        return self.reduce_array(residues).reshape((len(self.primes),) + chunks.shape[1:])
+
+    def multiply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Return a · b mod p elementwise for symmetric residues (products stay below 2^46)."""
+        return self.reduce_array(a * b)
+
+    def to_limbs(self, residues: np.ndarray) -> np.ndarray:
+        """Recombine symmetric residues (P, ...) of integers |x| < M/4 into normalised limbs."""
+        count = len(self.primes)
+        shape = residues.shape[1:]
+        flat = residues.reshape(count, -1)
+        y = flat * self.inverse_cofactors[:, None]
+        y = self.reduce_array(y)
+        y = np.where(y < 0, y + self.p[:, None], y)  # y_k in [0, p_k)
+        # t = round(Σ y_k / p_k): the sum is within 1/4 of an integer because |x| < M/4.
+        t = np.rint(np.sum(y * self.inverse_p[:, None], axis=0))
+        # Each product of a limb (< 2^24) and y_k (< 2^24) is below 2^48; P ≤ 31 keeps sums exact.
+        limbs = self.cofactor_limbs @ y  # (out_limbs, n)
+        limbs -= self.modulus_limbs[:, None] * t[None, :]
+        return normalize(limbs).reshape((self.out_limbs,) + shape)
+
+
+@lru_cache(maxsize=None)
+def prime_set(bits: int, count: int) -> PrimeSet:
+    return PrimeSet(primes_below(bits, count))
+
+
+def primes_for(product_bits: int, inner: int) -> PrimeSet:
+    """Return primes whose product exceeds 2^(product_bits + 2), sized for dot products of length ``inner``."""
+    bits = prime_bits_for(inner)
+    candidates = primes_below(bits, 31)
+    total = 0.0
+    for count, p in enumerate(candidates, start=1):
+        total += math.log2(p)
+        if total >= product_bits + 3:
+            return prime_set(bits, count)
+    raise ValueError(f"a product of {product_bits} bits needs more than 31 primes of {bits} bits; "
+                     f"at most 31 keep the recombination exact")
