@@ -142,8 +142,10 @@ def _terminates_within(value: sp.Rational, digits: int) -> bool:
             q //= prime
     if q != 1:
         return False
-    exact = decimal.Context(prec=MAX_DIGITS).divide(decimal.Decimal(int(value.p)), decimal.Decimal(int(value.q)))
-    return len(exact.normalize().as_tuple().digits) <= digits
+    context = decimal.Context(prec=MAX_DIGITS)
+    exact = context.divide(decimal.Decimal(int(value.p)), decimal.Decimal(int(value.q)))
+    # normalize() without a context would round to the default 28 digits first.
+    return len(exact.normalize(context).as_tuple().digits) <= digits
 
 
 def matrix_to_decimals(matrix: sp.MatrixBase, digits: int = DEFAULT_DIGITS) -> list[list[str]]:
