@@ -10,10 +10,10 @@ Two paths compute the same certified stages:
   one exact float64 BLAS product per prime (``limbs``). The softmax runs in fixed point with
   F = 24·k fraction bits (``fixedpoint``), and every step adds a proven bound to a float64 radius.
 
-Why not arb for the large path: at 128×128 tokens, d_model 768 and 12 heads, python-flint costs
-about 1 µs per entry for each exp, each conversion into or out of arb and each element of an
-arb_mat product with 150-bit entries, which adds up to well over a second (measured with
-python-flint 0.9 on the development machine); the vectorised path does the same work in NumPy.
+Why not arb for the large path: python-flint 0.9 costs about 1 µs per entry for each exp, for each
+conversion into or out of arb, and for each element of an arb_mat product with 150-bit entries
+(measured on a 2-core AMD EPYC). At 128×128 tokens, d_model 768 and 12 heads that adds up to well
+over a second, so the vectorised path does the same work with whole-array NumPy operations.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..exact_arrays import odd_mantissas_and_exponents
 from ..problem import Problem
 from .fixedpoint import exp_error, exp_negative, multiply_truncated, product_error
 from .limbs import (
-    LIMB_BITS, approximate, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
+    LIMB_BITS, CapacityError, approximate, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
 )
 from .reference import Intervals
 from .stage_values import BallValues, ExactValues
@@ -43,12 +43,17 @@ MAX_INPUT_BITS = 900
 def evaluate(problem: Problem, precision: int, stages: set[str]) -> dict[str, object]:
     """Evaluate the requested stages at ``precision`` bits plus guard bits."""
     if use_vectorised(problem):
-        return VectorisedPipeline(problem, precision, stages).run()
+        try:
+            return VectorisedPipeline(problem, precision, stages).run()
+        except CapacityError:
+            # Integers wider than 31 primes can hold (very wide inputs or a precision of many
+            # hundred bits) go through the entry-by-entry path, which is slow but has no limit.
+            pass
     return evaluate_entrywise(problem, precision, stages)
 
 
 def use_vectorised(problem: Problem) -> bool:
-    """Whether the vectorised path applies: enough logits, and float or int64 inputs of moderate range."""
+    """Return whether the vectorised path applies: enough logits, and float or integer inputs of moderate range."""
     if problem.heads * problem.n_q * problem.n_kv < VECTORISED_MIN_LOGITS:
         return False
     return all(IntegerMatrix.supports(array) for array in problem.inputs.values())
@@ -114,7 +119,7 @@ def ball_endpoints(value) -> tuple[int, int, int]:
 class IntegerMatrix:
     """An exact input as integers in float64: value = values · 2^exponent, with |values| < 2^bits.
 
-    A float64 holds any integer m · 2^s with |m| < 2^53 exactly, so a float matrix scaled to its
+    A float64 represents any integer m · 2^s with |m| < 2^53 exactly, so a float matrix scaled to its
     smallest exponent stays a float64 array of exact integers, even above 2^53.
     """
 
@@ -146,19 +151,23 @@ class IntegerMatrix:
         return cls(values, base, _bits_of(values))
 
     def chunks(self) -> np.ndarray:
-        """Return signed 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape)."""
-        count = max(1, math.ceil(self.bits / LIMB_BITS))
-        magnitude = np.abs(self.values)
+        """Return 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape).
+
+        The chunks are floors, so all but the top one lie in [0, 2^24) and the top one carries the
+        sign: they are normalised limbs. Every step is exact: a power-of-two scaling, a floor, and
+        the subtraction of a float's leading part.
+        """
+        count = max(1, math.ceil((self.bits + 1) / LIMB_BITS))
+        rest = self.values
         chunks = np.empty((count,) + self.values.shape)
-        for j in range(count - 1, -1, -1):
-            chunks[j] = np.floor(np.ldexp(magnitude, -LIMB_BITS * j))
-            magnitude = magnitude - np.ldexp(chunks[j], LIMB_BITS * j)
-        return np.where(self.values < 0, -chunks, chunks)
+        for j in range(count - 1, 0, -1):
+            np.floor(rest * 2.0 ** (-LIMB_BITS * j), out=chunks[j])
+            rest = rest - chunks[j] * 2.0 ** (LIMB_BITS * j)
+        chunks[0] = rest
+        return chunks
 
     def limbs(self) -> np.ndarray:
-        chunks = self.chunks()
-        top = np.zeros((1,) + self.values.shape)
-        return normalize(np.concatenate([chunks, top], axis=0))
+        return self.chunks()
 
 
 def _bits_of(values: np.ndarray) -> int:
@@ -354,7 +363,12 @@ class VectorisedPipeline:
         return np.maximum(S - S_error, 0.0), S_error
 
     def _weights(self, E: np.ndarray) -> None:
-        """Keep A_i = E / S for the heads whose weights are requested."""
+        """Keep A_i = E / S for the heads whose weights are requested.
+
+        NOTE: E is fixed point, so a weight far below 1 is accurate to about 2^-F absolutely but not
+        relatively; compute_reference then raises the precision until it is, which can cost
+        several passes when some weights are below 2^-100.
+        """
         problem = self.problem
         h, n_q, n_kv = problem.heads, problem.n_q, problem.n_kv
         wanted = [i for i in range(h) if f"A_{i}" in self.stages]

@@ -101,7 +101,9 @@ class _Pipeline:
             self.keep(f"Z_scaled_{i}", lambda values=Z_scaled: self.intervals(values))
             Z_masked = _masked(Z_scaled, visible[i], None if bias is None else bias[i], arithmetic)
             self.keep(f"Z_masked_{i}", lambda values=Z_masked: self.intervals(values))
-            A_i = _softmax_rows(Z_masked, problem.spec.masked_rows, arithmetic)
+            # A logit is s·z + b, so equal exact (z, b) pairs mean exactly equal logits.
+            logit_keys = _logit_keys(Z_i, None if bias is None else bias[i])
+            A_i = _softmax_rows(Z_masked, logit_keys, problem.spec.masked_rows, arithmetic)
             self.keep(f"A_{i}", lambda values=A_i: self.intervals(values))
             O_i = _matmul(A_i, _fraction_rows(V_i), arithmetic)  # (n_q, d_v)
             self.keep(f"O_{i}", lambda values=O_i: self.intervals(values))
@@ -177,22 +179,31 @@ def _masked(Z_scaled: list[list[Value]], visible: np.ndarray, bias: np.ndarray |
     return rows
 
 
-def _softmax_rows(Z: list[list[Value]], masked_rows: str, arithmetic: Arithmetic) -> list[list[Value]]:
+def _logit_keys(Z: ScaledIntegers, bias: np.ndarray | None) -> list[list[tuple]]:
+    """Return the exact (z, b) pair behind each logit s·z + b of one head."""
+    rows = _fraction_rows(Z)
+    if bias is None:
+        return [[(z, 0) for z in row] for row in rows]
+    return [[(z, Fraction(bias[i, j])) for j, z in enumerate(row)] for i, row in enumerate(rows)]
+
+
+def _softmax_rows(Z: list[list[Value]], keys: list[list[tuple]], masked_rows: str,
+                  arithmetic: Arithmetic) -> list[list[Value]]:
     """Return e^{z_ij − m_i} / Σ_k e^{z_ik − m_i} per row, with m_i near the row maximum.
 
     Subtracting the same number m_i from every logit of a row leaves the softmax unchanged and
     keeps every exponential at most about 1. Hidden keys weigh exactly 0. A row with one visible
-    key, or with exactly equal visible logits, has exact weights (1 or 1/count).
+    key, or whose visible logits are exactly equal (equal ``keys``), has exact weights 1/count,
+    as SymPy's automatic simplification gives them.
     """
     rows = []
-    for row in Z:
+    for i, row in enumerate(Z):
         kept = [j for j, value in enumerate(row) if not _is_special(value)]
         if not kept:
             fill = Fraction(0) if masked_rows == "zeros" else NAN
             rows.append([fill] * len(row))
             continue
-        exact_values = {row[j] for j in kept if isinstance(row[j], Fraction)}
-        if len(kept) == 1 or (len(exact_values) == 1 and all(isinstance(row[j], Fraction) for j in kept)):
+        if len({keys[i][j] for j in kept}) == 1:
             weight = Fraction(1, len(kept))
             rows.append([weight if j in kept else Fraction(0) for j in range(len(row))])
             continue

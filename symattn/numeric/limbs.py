@@ -19,6 +19,10 @@ from functools import lru_cache
 
 import numpy as np
 
+class CapacityError(ValueError):
+    """A value too wide for exact residue arithmetic with at most 31 primes or 32 limbs."""
+
+
 LIMB_BITS = 24
 LIMB = float(1 << LIMB_BITS)
 INVERSE_LIMB = 1.0 / LIMB
@@ -173,7 +177,7 @@ class PrimeSet:
         weights = np.stack([self.power_of_two_residues(LIMB_BITS * l) for l in range(count)], axis=1)  # (P, L)
         # Each term is below 2^24 · 2^23, so a sum of up to 2^5 limbs stays below 2^52.
         if count > 32:
-            raise ValueError(f"{count} limbs exceed the exact residue sum; split the value first")
+            raise CapacityError(f"{count} limbs exceed the exact residue sum; split the value first")
         flat = limbs.reshape(count, -1)
         residues = weights @ flat
         return self.reduce_array(residues).reshape((len(self.primes),) + limbs.shape[1:])
@@ -223,5 +227,5 @@ def primes_for(product_bits: int, inner: int) -> PrimeSet:
         total += math.log2(p)
         if total >= product_bits + 3:
             return prime_set(bits, count)
-    raise ValueError(f"a product of {product_bits} bits needs more than 31 primes of {bits} bits; "
-                     f"at most 31 keep the recombination exact")
+    raise CapacityError(f"a product of {product_bits} bits needs more than 31 primes of {bits} bits; "
+                        f"at most 31 keep the recombination exact")

@@ -1,7 +1,10 @@
 """The certified pipeline in plain mpmath, the fallback when python-flint is not installed.
 
-Enclosures are ``mpmath.iv`` intervals, whose endpoints mpmath rounds outward; projections and
+Enclosures are ``mpmath.iv`` intervals, whose endpoints mpmath rounds outward. Projections and
 QKᵀ stay exact integer arithmetic (see ``entrywise``).
+
+NOTE: the bounds are as rigorous as mpmath's directed rounding of exp and sqrt in mpmath.iv;
+python-flint's arb states error bounds for its functions, mpmath.iv relies on its libmp routines.
 """
 
 from __future__ import annotations
