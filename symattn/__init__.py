@@ -29,6 +29,8 @@ from .errors import (
     UnsupportedError,
 )
 from .numeric.decimals import matrix_to_decimals
+from .numeric.reference import CertifiedMatrix, Reference, compute_reference
+from .problem import Problem
 from .spec import AttentionSpec, Mask
 from .values import symbol_matrix, to_exact, to_matrix
 
@@ -36,17 +38,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec",
+    "CertifiedMatrix",
     "Derivation",
     "EvaluationError",
     "InvalidInputError",
     "Mask",
     "MaskError",
     "OutputError",
+    "Problem",
+    "Reference",
     "ResourceLimitError",
     "ShapeError",
     "SymattnError",
     "SymattnWarning",
     "UnsupportedError",
+    "compute_reference",
     "derive",
     "derive_direct",
     "matrix_to_decimals",
