@@ -23,12 +23,15 @@ gradient of the objective, each stage hands its gradient back to the stages it w
 So the softmax backward G_Z = s · A ∘ (G_A − rowsum(G_A ∘ A) 1ᵀ) is the gradient with respect to
 the unscaled logits Z_i = Q_i K_iᵀ; without the factor s it is the gradient with respect to the
 scaled logits. The row of the softmax Jacobian is diag(a) − a aᵀ, and the formula above is that
-Jacobian applied to each row of G_A.
+Jacobian applied to each row of G_A. The rows of G_Z sum to 0, so b_K, which adds the same
+q · b_K to every logit of a row, gets no gradient through the logits: G_{b_K} is exactly 0
+unless the objective reads K itself.
 
 Every step works on the explicit entries of the stages (numbers or element symbols such as
 ``x_{1,2}``), never on SymPy ``MatrixSymbol`` objects: SymPy 1.14 returns 0 for the derivative of
 ``A[1, 1]`` with respect to a ``MatrixSymbol`` A, and for ∂(tr(FᵀF) − 3)/∂F. Nothing is expanded
-or simplified, so a gradient entry is a short sum of products of the forward stages' entries.
+or simplified: a gradient entry is a sum of products that reuses the forward stages' entries as
+they are, so it stays within a small multiple of their size.
 
 Masks, the masked-row policy, biases and the output projection flow through: a hidden key has
 weight exactly 0, so no gradient reaches its logit. A fully masked row under policy "zeros" is a
