@@ -141,3 +141,59 @@ def test_verify_entry_point_runs(tmp_path):
     assert result.returncode == 1
     assert "verdict: FAIL" in result.stdout
     assert "verified" in result.stderr
+
+
+def write_other_widths_case(tmp_path):
+    # Cross attention with key and value inputs of other widths: d_model = 2, h = 1, keys of
+    # width 3 (the projection keeps the first two features), values of width 1 mapped to [x, 0].
+    # The output is [2(2 + c)/(1 + c), 0] with c = e^{1/√2}.
+    path = tmp_path / "case.npz"
+    np.savez(path, spec=json.dumps({"heads": 1}), query_source=np.array([[1.0, 0.0]]),
+             key_source=np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), value_source=np.array([[2.0], [4.0]]),
+             W_Q=np.eye(2), W_K=np.eye(3, 2), W_V=np.array([[1.0, 0.0]]))
+    return path
+
+
+def test_reference_npy_float32(tmp_path, capsys):
+    case = write_other_widths_case(tmp_path)
+    out = tmp_path / "out.npy"
+    assert main(["reference", str(case), "--digits", "30", "--dtype", "float32", "--out", str(out)]) == 0
+    values = np.load(out)
+    with mpmath.workdps(40):
+        c = mpmath.exp(1 / mpmath.sqrt(2))
+        expected = np.float32(float(2 * (2 + c) / (1 + c)))  # 2.6604769… is no float32 tie
+    assert values.dtype == np.float32
+    assert values.tolist() == [[expected, 0.0]]
+    assert f"wrote {out}" in capsys.readouterr().err
+
+
+def test_reference_json_decimals(tmp_path):
+    case = write_other_widths_case(tmp_path)
+    out = tmp_path / "reference.json"
+    assert main(["reference", str(case), "--digits", "20", "--out", str(out)]) == 0
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert document["stages"]["output"]["decimal"] == [["2.6604769013466861488", "0"]]
+    assert document["digits"] == 20
+
+
+def test_reference_npz_then_existing_file_needs_force(tmp_path, capsys):
+    case = write_other_widths_case(tmp_path)
+    out = tmp_path / "reference.npz"
+    assert main(["reference", str(case), "--digits", "20", "--out", str(out)]) == 0
+    with np.load(out) as archive:
+        assert archive["output.float64"].tolist() == [[2.6604769013466862, 0.0]]
+    assert main(["reference", str(case), "--digits", "30", "--out", str(out)]) == 3
+    assert "--force" in capsys.readouterr().err
+    assert main(["reference", str(case), "--digits", "30", "--out", str(out), "--force"]) == 0
+
+
+def test_reference_unknown_stage_exits_two(tmp_path, capsys):
+    case = write_other_widths_case(tmp_path)
+    assert main(["reference", str(case), "--stage", "A_7", "--out", str(tmp_path / "a.npy")]) == 2
+    assert "stages are Q, K, V" in capsys.readouterr().err
+
+
+def test_reference_unknown_suffix_exits_two(tmp_path, capsys):
+    case = write_other_widths_case(tmp_path)
+    assert main(["reference", str(case), "--out", str(tmp_path / "reference.csv")]) == 2
+    assert ".csv" in capsys.readouterr().err

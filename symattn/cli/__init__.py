@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 EXIT_ERROR = 3
 
 # Subcommand modules in the order `symattn --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("example", "derive", "verify", "grad")
+COMMAND_MODULES: tuple[str, ...] = ("example", "derive", "verify", "reference", "grad")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="round to this dtype only (default: every dtype for .npz and .json; for "
                              ".npy the case's dtype, else float64)")
     parser.add_argument("--stage", default="output", metavar="NAME",
-                        help="the stage an .npy file holds, such as output, A_0 or O_1 (default: output)")
+                        help="the stage that an .npy file contains, such as output, A_0 or O_1 (default: output)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="reference engine (default: auto, python-flint when installed, else mpmath)")
     parser.add_argument("--force", action="store_true", help="replace FILE if it exists with other content")
