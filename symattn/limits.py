@@ -34,9 +34,10 @@ DEFAULT_MAX_EXPRESSION_SIZE = 2_000_000
 MAX_INPUT_FILE_BYTES = 256 * 1024 * 1024
 
 _NUMERIC_HINT = (
-    "Use the numeric mode instead (symattn.numeric.reference.compute_reference, or "
-    "`symattn reference` on the command line): its certified engine evaluates the same formulas "
-    "to the requested digits without building expressions"
+    "Use the numeric mode instead (symattn.numeric.reference.compute_reference in Python, or "
+    "`symattn reference CASE --out FILE` for a case file as docs/case-format.md describes): its "
+    "certified engine evaluates the same formulas to the requested digits without building "
+    "expressions"
 )
 
 

@@ -96,8 +96,10 @@ def load_derivation_file(path: str | Path) -> tuple[Derivation, DerivationMeta]:
         ) from None
     try:
         parsed = tomllib.loads(text, parse_float=decimal.Decimal)
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:  # TOMLDecodeError, or an integer of more than 4300 digits
         raise InvalidInputError(f"{path.name}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: invalid TOML: arrays or tables nested too deeply") from None
     return parse_derivation(parsed, path.name)
 
 

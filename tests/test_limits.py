@@ -137,7 +137,7 @@ def test_large_numeric_case_rejected_with_hint():
     assert "10,031,235,072 expression nodes" in message
     assert "max_expression_size = 2,000,000" in message
     assert "compute_reference" in message
-    assert "`symattn reference`" in message
+    assert "`symattn reference CASE --out FILE`" in message
     assert "smaller case" in message
 
 

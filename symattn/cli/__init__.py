@@ -59,6 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"symattn: error: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_ERROR
+    except OSError as error:  # a file or folder that no command check caught
+        if args.debug:
+            traceback.print_exc()
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"symattn: error: {error.strerror or error}{where}; check the path and its permissions", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # a bug in symattn: the traceback is shown with --debug only
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"symattn: internal error: {type(error).__name__}: {error}. This is a bug in symattn; "
+            f"run the command again with --debug and report the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
 
 
 def entry_point() -> None:

@@ -79,7 +79,8 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, Any]]:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             _check_member_sizes(archive, path)
             arrays = {name: _npz_member(archive, name, path) for name in archive.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
+        # NotImplementedError: a zip version or compression method that zipfile cannot read.
         raise InvalidInputError(
             f"case file {str(path)!r} is not a readable .npz archive ({error}); it may be "
             f"truncated or corrupt, so write it again with numpy.savez"
@@ -102,8 +103,10 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, Any]]:
         )
     try:
         settings = json.loads(str(spec_array))
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
         raise InvalidInputError(f"the 'spec' member of {str(path)!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInputError(f"the 'spec' member of {str(path)!r} is not valid JSON: nested too deeply") from None
     if not isinstance(settings, dict):
         raise InvalidInputError(f"the 'spec' member of {str(path)!r} is JSON but not an object")
     return settings, arrays
@@ -137,8 +140,10 @@ def _read_toml(path: Path) -> tuple[dict, dict[str, Any]]:
     data = read_limited(path, "case file")
     try:
         document = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # TOMLDecodeError, UnicodeDecodeError, or an integer of over 4300 digits
         raise InvalidInputError(f"case file {str(path)!r} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise InvalidInputError(f"case file {str(path)!r} is not valid TOML: nested too deeply") from None
     unknown = sorted(set(document) - {"spec", "inputs", "outputs"})
     if unknown:
         raise InvalidInputError(
