@@ -81,6 +81,9 @@ ERROR_CASES = [
     (["example", "--digits", "0", "--no-pdf"], 2, ["digits is 0", "expected an integer from 1 to 10000"]),
     (["example", "--digits", "10001", "--no-pdf"], 2, ["digits is 10001", "from 1 to 10000"]),
     (["example", "--digits", "-3", "--no-pdf"], 2, ["digits is -3"]),
+    # int() and float() read look-alike digits; the options take ASCII only.
+    (["example", "--digits", "\u0663", "--no-pdf"], 2, ["--digits: invalid int value: '\u0663'"]),
+    (["example", "--digits", "\uff15", "--no-pdf"], 2, ["--digits: invalid int value: '\uff15'"]),
     (["derive", "missing.toml"], 2, ["'missing.toml' does not exist", "check the path"]),
     (["derive", "."], 2, ["'.' cannot be read"]),
     (["derive", "broken.toml"], 2, ["broken.toml", "invalid TOML"]),
@@ -94,6 +97,7 @@ ERROR_CASES = [
     (["verify", "--ulps", "-1", "pass.npz"], 2, ["ulps is -1.0", "finite number ≥ 0"]),
     (["verify", "--rtol", "nan", "pass.npz"], 2, ["rtol is nan"]),
     (["verify", "--atol", "1e999", "pass.npz"], 2, ["atol is inf"]),
+    (["verify", "--ulps", "\u0661", "pass.npz"], 2, ["--ulps: invalid float value: '\u0661'"]),
     (["reference", "pass.npz"], 2, ["the following arguments are required: --out"]),
     (["reference", "--out", "r.npz", "missing.npz"], 2, ["'missing.npz' does not exist"]),
     (["reference", "--out", "r", "pass.npz"], 2, ["output file 'r' has suffix ''", ".npz, .npy, .json"]),
@@ -104,7 +108,7 @@ ERROR_CASES = [
     (["grad", "--wrt", "Q", "--of", "P[0,0]", "--no-pdf", "good.toml"], 2, ["'P[0,0]'", "'output[0,1]'"]),
     (["grad", "--wrt", "Q", "--of", "output[9,0]", "--no-pdf", "good.toml"], 2, ["row index 9", "expected 0 … 0"]),
     (["grad", "--wrt", "Q", "--entry", "a,b", "--no-pdf", "good.toml"], 2, ["--entry 'a,b'", "such as '0,1'"]),
-    (["grad", "--wrt", "Q", "--entry", "9,0", "--no-pdf", "good.toml"], 2, ["entry (9, 0)", "indices count from 0"]),
+    (["grad", "--wrt", "Q", "--entry", "9,0", "--no-pdf", "good.toml"], 2, ["9", "is outside Q, which has shape (1, 2)", "count from 0"]),
     (["grad", "--wrt", "Q", "--digits", "0", "--no-pdf", "good.toml"], 2, ["digits is 0"]),
     (["example", "--no-pdf", "--out", "notes.txt/out"], 3, ["notes.txt", "Not a directory"]),
 ]

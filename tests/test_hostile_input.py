@@ -15,6 +15,7 @@ import sympy as sp
 import sympy.parsing.sympy_parser
 
 from symattn import InvalidInputError, Mask, derive_direct, matrix_to_decimals, symbol_matrix, to_matrix
+from symattn.cli import build_parser, main
 from symattn.export.json_reader import parse_derivation_json, rederive
 from symattn.export.numbers import derivation_to_json
 from symattn.loaders import load_derivation_file
@@ -22,6 +23,8 @@ from symattn.spec import AttentionSpec
 from symattn.values import make_symbol, parse_entry, parse_name, parse_number
 
 MARKER = "PWNED"
+# Import every command module now: an import under the spy would run dataclass code through exec.
+build_parser()
 # The module, not the function of the same name that `sympy.core` exports.
 SYMPIFY_MODULE = importlib.import_module("sympy.core.sympify")
 
@@ -339,3 +342,38 @@ def test_json_constants_rejected(no_evaluation, constant):
     text = json.dumps(valid_document()).replace('"significant_digits": 8', f'"significant_digits": {constant}')
     with pytest.raises(InvalidInputError, match=f"JSON constant {constant}"):
         parse_derivation_json(text)
+
+
+# Command-line arguments.
+
+CLI_PLACES = {
+    "digits": ["example", "--no-pdf", "--digits", "{payload}"],
+    "derive digits": ["derive", "--no-pdf", "--digits", "{payload}", "case.toml"],
+    "grad wrt": ["grad", "--no-pdf", "--wrt", "{payload}", "case.toml"],
+    "grad objective": ["grad", "--no-pdf", "--wrt", "Q", "--of", "{payload}", "case.toml"],
+    "grad entry": ["grad", "--no-pdf", "--wrt", "Q", "--entry", "{payload}", "case.toml"],
+    "verify engine": ["verify", "--engine", "{payload}", "case.toml"],
+    "verify ulps": ["verify", "--ulps", "{payload}", "case.toml"],
+    "verify digits": ["verify", "--digits", "{payload}", "case.toml"],
+}
+# Payloads that argparse reads as valid floats are left out of the float options.
+CLI_CASES = [
+    pytest.param(place, payload, id=f"{place}-{short_id(payload)}")
+    for place in CLI_PLACES
+    for payload in PAYLOADS
+    if not (place == "verify ulps" and payload in ("1e999999999", "nan", "inf", "-Infinity"))
+    and not (place == "verify ulps" and payload.isdigit())
+]
+
+
+@pytest.mark.parametrize("place, payload", CLI_CASES)
+def test_cli_argument_payload_rejected(no_evaluation, tmp_path, capsys, place, payload):
+    (tmp_path / "case.toml").write_text(VALID_DIRECT_TOML)
+    args = [payload if arg == "{payload}" else arg for arg in CLI_PLACES[place]]
+    try:
+        status = main(args)
+    except SystemExit as exit:
+        status = exit.code
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "Traceback" not in error

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 import traceback
+from typing import Any
 
 from ..errors import InvalidInputError, SymattnError
 
@@ -25,7 +26,23 @@ EXIT_ERROR = 3
 COMMAND_MODULES: tuple[str, ...] = ("example", "derive", "verify", "reference", "grad")
 
 
+def _ascii_number(convert: type) -> Any:
+    def parse(text: str) -> Any:
+        if not text.isascii():  # int() and float() also read look-alike digits such as "٣"
+            raise ValueError(text)
+        return convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names the type in "invalid int value: ..."
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Options declared with type=int or type=float accept ASCII text only.
+        self.register("type", int, _ascii_number(int))
+        self.register("type", float, _ascii_number(float))
+
     def error(self, message: str) -> None:  # argparse's own usage errors also exit with 2
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"symattn: error: {message}\n")
