@@ -35,6 +35,7 @@ import torch
 
 from .errors import InvalidInputError, ShapeError, UnsupportedError
 from .problem import Problem
+from .progress import Progress, track
 from .spec import AttentionSpec, Mask
 from .verify.check import DEFAULT_DIGITS, rounded_head_means, verify as verify_arrays
 from .verify.floats import dtype_name
@@ -112,17 +113,22 @@ def problems_from_call(fn: Any, query: Any, key: Any, value: Any, *args: Any,
 
 
 def reference(fn: Any, query: Any, key: Any, value: Any, *args: Any, digits: int = DEFAULT_DIGITS,
-              masked_rows: str = "error", engine: str = "auto", **kwargs: Any) -> Any:
+              masked_rows: str = "error", engine: str = "auto", progress: Progress | None = None,
+              **kwargs: Any) -> Any:
     """Return the correctly rounded reference of the call, shaped as PyTorch returns it.
 
     For nn.MultiheadAttention this is ``(output, weights)``, with weights None unless
     ``need_weights``; for scaled_dot_product_attention the output alone. The values are the exact
-    function of the given tensors, correctly rounded to the query's dtype.
+    function of the given tensors, correctly rounded to the query's dtype. ``progress`` hears
+    ("certified references", k, n) for the n batch elements (see symattn.progress).
     """
     call = problems_from_call(fn, query, key, value, *args, masked_rows=masked_rows, **kwargs)
     from .numeric.reference import compute_reference
 
-    references = [compute_reference(problem, digits, engine=engine) for problem in call.problems]
+    references = [
+        compute_reference(problem, digits, engine=engine)
+        for problem in track(progress, "certified references", call.problems)
+    ]
     dtype = call.dtype
     output = np.array([r.stages["output"].rounded(dtype) for r in references])
     output_tensor = _tensor(call.output_layout(output), dtype)
@@ -137,12 +143,12 @@ def reference(fn: Any, query: Any, key: Any, value: Any, *args: Any, digits: int
 def verify(fn: Any, query: Any, key: Any, value: Any, *args: Any, actual: Any = None,
            ulps: float | None = None, rtol: float | None = None, atol: float | None = None,
            digits: int = DEFAULT_DIGITS, masked_rows: str = "error", engine: str = "auto",
-           **kwargs: Any) -> Report:
+           progress: Progress | None = None, **kwargs: Any) -> Report:
     """Run the call (unless its result is given as ``actual``) and verify it against the reference.
 
     The output is compared, and the attention weights too when nn.MultiheadAttention returns
     them. The tolerance is ``ulps``, or ``rtol`` and ``atol``, or torch.testing's default for
-    the dtype when none is given.
+    the dtype when none is given. ``progress`` works as in ``reference``.
     """
     call = problems_from_call(fn, query, key, value, *args, masked_rows=masked_rows, **kwargs)
     if actual is None:
@@ -156,7 +162,7 @@ def verify(fn: Any, query: Any, key: Any, value: Any, *args: Any, actual: Any = 
     problems = list(call.problems) if call.batch_shape else call.problems[0]
     return verify_arrays(
         problems, **arrays, average_weights=call.average_weights,
-        dtype=call.dtype, tolerance=tolerance, digits=digits, engine=engine,
+        dtype=call.dtype, tolerance=tolerance, digits=digits, engine=engine, progress=progress,
     )
 
 

@@ -20,6 +20,7 @@ from ..export.numbers import derivation_to_json
 from ..loaders import DerivationMeta, load_derivation_file
 from ..numeric.decimals import DEFAULT_DIGITS, check_digits
 from . import EXIT_OK
+from .terminal import progress_bar
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +83,8 @@ def write_outputs(
                 f"  cd {shlex.quote(str(args.out))} && pdflatex -no-shell-escape {tex_name}"
             )
         else:
-            files[args.out / f"{name}.pdf"] = compile_pdf(tex)
+            with progress_bar() as progress:
+                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress)
     files[args.out / f"{name}.json"] = derivation_to_json(derivation, args.digits)
 
     write_files(files, args.force)

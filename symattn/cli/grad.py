@@ -28,6 +28,7 @@ from ..numeric.balls import certified_decimals
 from ..numeric.decimals import check_digits
 from . import EXIT_OK, EXIT_VERIFICATION_FAILED
 from .derive import add_output_options
+from .terminal import progress_bar
 
 # An exact entry longer than this many characters prints as its decimal value instead.
 MAX_PRINTED_ENTRY = 40
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                 f"  cd {shlex.quote(str(args.out))} && pdflatex -no-shell-escape {shlex.quote(name + '.tex')}"
             )
         else:
-            files[args.out / f"{name}.pdf"] = compile_pdf(tex)
+            with progress_bar() as progress:
+                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress)
     files[args.out / f"{name}.json"] = gradient_to_json(derivation, objective, args.wrt, args.digits)
 
     write_files(files, args.force)

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..progress import Stopwatch
 from . import EXIT_OK
+from .terminal import progress_bar
 
 ENGINE_CHOICES = ("auto", "flint", "mpmath", "sympy")
 DTYPE_CHOICES = ("float64", "float32", "float16", "bfloat16")
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         dtypes: tuple[str, ...] = (args.dtype or case.dtype or "float64",)
     else:
         dtypes = (args.dtype,) if args.dtype else DTYPES
-    reference = compute_reference(case.problem, args.digits, engine=args.engine)
+    with progress_bar() as progress, Stopwatch(progress, "certified reference"):
+        reference = compute_reference(case.problem, args.digits, engine=args.engine)
     if args.stage not in reference.stages:
         raise InvalidInputError(
             f"--stage {args.stage!r} is not a stage of this case; stages are {', '.join(reference.stages)}"

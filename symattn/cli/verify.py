@@ -8,6 +8,7 @@ import time
 
 from ..errors import InvalidInputError
 from . import EXIT_OK, EXIT_VERIFICATION_FAILED
+from .terminal import progress_bar
 
 ENGINE_CHOICES = ("auto", "flint", "mpmath", "sympy")
 
@@ -58,18 +59,25 @@ def run(args: argparse.Namespace) -> int:
     tolerance = None
     if args.ulps is not None or args.rtol is not None or args.atol is not None:
         tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
-    report = verify(
-        case.problem,
-        case.output,
-        weights=case.attention_weights,
-        average_weights=case.average_weights,
-        head_outputs=case.head_outputs,
-        dtype=case.dtype,
-        tolerance=tolerance,
-        digits=args.digits,
-        engine=args.engine,
-    )
+    with progress_bar() as progress:
+        report = verify(
+            case.problem,
+            case.output,
+            weights=case.attention_weights,
+            average_weights=case.average_weights,
+            head_outputs=case.head_outputs,
+            dtype=case.dtype,
+            tolerance=tolerance,
+            digits=args.digits,
+            engine=args.engine,
+            progress=progress,
+        )
     sys.stdout.write(report.to_json() if args.json else report.to_table())
     elapsed = time.perf_counter() - started
-    print(f"symattn: verified {args.case} in {elapsed:.2f} s", file=sys.stderr)
+    form = "JSON" if args.json else "a table"
+    print(
+        f"symattn: verified {args.case} in {elapsed:.2f} s; wrote the report as {form} to stdout "
+        f"and no files",
+        file=sys.stderr,
+    )
     return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED

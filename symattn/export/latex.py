@@ -37,6 +37,7 @@ import sympy as sp
 from ..derive import Derivation, softmax_rows
 from ..errors import OutputError
 from ..numeric.decimals import DEFAULT_DIGITS, check_digits, matrix_to_decimals
+from ..progress import Progress, Stopwatch
 from ..spec import Mask
 from . import formulas
 from .files import write_files
@@ -712,12 +713,12 @@ class PdfBuild:
     log: str
 
 
-def compile_pdf(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS) -> bytes:
+def compile_pdf(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None) -> bytes:
     """Compile LaTeX source with pdflatex and return the PDF bytes; see run_pdflatex."""
-    return run_pdflatex(tex, timeout).pdf
+    return run_pdflatex(tex, timeout, progress).pdf
 
 
-def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS) -> PdfBuild:
+def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None) -> PdfBuild:
     """Compile LaTeX source with pdflatex in a temporary folder and return the PDF and the log.
 
     pdflatex runs without shell escape, in nonstop mode, stopping at the first error, and
@@ -727,7 +728,8 @@ def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS) -> PdfBuil
     the trailer id are fixed, so the same source gives the same bytes.
 
     Raises OutputError when pdflatex is missing, fails (quoting the first LaTeX error lines)
-    or runs past ``timeout`` seconds.
+    or runs past ``timeout`` seconds. ``progress`` hears ("pdflatex", 0, 0) when the build
+    starts and ("pdflatex", 1, 1) when pdflatex has exited (see symattn.progress).
     """
     executable = pdflatex_path()
     if executable is None:
@@ -756,14 +758,15 @@ def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS) -> PdfBuil
             source.name,
         ]
         try:
-            result = subprocess.run(
-                command,
-                cwd=folder,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-            )
+            with Stopwatch(progress, "pdflatex"):
+                result = subprocess.run(
+                    command,
+                    cwd=folder,
+                    env=environment,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=timeout,
+                )
         except subprocess.TimeoutExpired:
             raise OutputError(
                 f"pdflatex did not finish within {timeout:g} s and was stopped; no PDF was written"
@@ -794,13 +797,13 @@ def _first_error(log: str) -> str:
     return "\n".join(f"  {text}" for text in lines[-6:])
 
 
-def build_pdf(tex: str, out_path: str | Path, force: bool = False) -> Path:
+def build_pdf(tex: str, out_path: str | Path, force: bool = False, progress: Progress | None = None) -> Path:
     """Compile ``tex`` and write the PDF to ``out_path`` whole or not at all.
 
     An existing file with other content is replaced only when ``force`` is True
     (see export.files).
     """
     out_path = Path(out_path)
-    pdf = compile_pdf(tex)
+    pdf = compile_pdf(tex, progress=progress)
     write_files({out_path: pdf}, force)
     return out_path

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import EvaluationError, InvalidInputError, ShapeError
+from ..progress import Progress, report
 from .diagnose import Diagnosis, diagnose
 from .floats import dtype_name, round_fraction
 from .metrics import StageComparison, Tolerance, compare_stage
@@ -41,6 +42,7 @@ def verify(
     digits: int = DEFAULT_DIGITS,
     engine: str = "auto",
     name_mistakes: bool = True,
+    progress: Progress | None = None,
 ) -> Report:
     """Compare an implementation's output and intermediates, where given, with the reference.
 
@@ -49,14 +51,16 @@ def verify(
     ``head_outputs`` are given. ``dtype`` is the implementation's format, taken from the first
     array when omitted; bfloat16 values arrive as float32 arrays, so bfloat16 must be named.
     Without ``tolerance``, torch.testing's default rtol and atol for the dtype apply. With
-    ``name_mistakes``, each failed stage is replayed under the known mistakes.
+    ``name_mistakes``, each failed stage is replayed under the known mistakes. ``progress``
+    hears ("certified references", k, n) as the n references to compute are finished
+    (see symattn.progress).
     """
     given = {"output": output, "weights": weights, "head_outputs": head_outputs}
     given = {name: array for name, array in given.items() if array is not None}
     if not given:
         raise InvalidInputError("nothing to verify; give the output, the weights or the per-head outputs")
     batched = isinstance(reference, (list, tuple))
-    references = _references(list(reference) if batched else [reference], digits, engine)
+    references = _references(list(reference) if batched else [reference], digits, engine, progress)
     dtype = _implementation_dtype(next(iter(given.values())), dtype)
     tolerance = tolerance or Tolerance.default(dtype)
     batch_axis = ("batch",) if batched else ()
@@ -128,17 +132,23 @@ def _head_nan(actual: dict[str, np.ndarray], average_weights: bool) -> np.ndarra
     return None
 
 
-def _references(items: list, digits: int, engine: str) -> list:
+def _references(items: list, digits: int, engine: str, progress: Progress | None = None) -> list:
     if not items:
         raise InvalidInputError("the batch of references is empty; give at least one problem")
     from ..numeric.reference import compute_reference
 
     references = []
+    to_compute = sum(1 for item in items if not hasattr(item, "stages"))
+    computed = 0
+    if to_compute:
+        report(progress, "certified references", computed, to_compute)
     for item in items:
         if hasattr(item, "stages") and hasattr(item, "problem"):
             references.append(item)
         elif hasattr(item, "spec") and hasattr(item, "inputs"):
             references.append(compute_reference(item, digits, engine=engine))
+            computed += 1
+            report(progress, "certified references", computed, to_compute)
         else:
             raise InvalidInputError(
                 f"expected a symattn Problem or Reference, got {type(item).__name__}"
