@@ -55,8 +55,8 @@ from .values import to_matrix
 Rows = list[list[sp.Expr]]
 
 _ZERO = sp.S.Zero
-_STAGE_ENTRY = re.compile(r"([A-Za-z][A-Za-z0-9_]*)\[(\d+),(\d+)\]")
-_OBJECTIVE_TEXT = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*\[\s*(\d+)\s*,\s*(\d+)\s*\]\s*")
+_STAGE_ENTRY = re.compile(r"([A-Za-z][A-Za-z0-9_]*)\[([0-9]+),([0-9]+)\]")
+_OBJECTIVE_TEXT = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*\[\s*([0-9]+)\s*,\s*([0-9]+)\s*\]\s*", re.ASCII)
 
 
 # Objectives.

@@ -119,6 +119,12 @@ def test_cli_grad_rejects_bad_entry(e1_file, tmp_path, capsys):
     assert "--entry '1' is not valid" in capsys.readouterr().err
 
 
+def test_cli_grad_rejects_entry_outside(e1_file, tmp_path, capsys):
+    assert main(["grad", str(e1_file), "--wrt", "Q", "--entry", "2,0", "--out", str(tmp_path)]) == 2
+    assert "--entry '2,0' is outside Q, which has shape (2, 2)" in capsys.readouterr().err
+    assert list(tmp_path.glob("e1-grad-*")) == []
+
+
 def test_cli_grad_missing_file(tmp_path, capsys):
     assert main(["grad", str(tmp_path / "missing.toml"), "--wrt", "Q"]) == 2
     assert "missing.toml" in capsys.readouterr().err

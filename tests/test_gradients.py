@@ -484,6 +484,11 @@ def test_parse_objective_rejects_text():
         parse_objective("output[0]")
 
 
+def test_parse_objective_rejects_non_ascii_digits():
+    with pytest.raises(InvalidInputError, match="is not valid"):
+        parse_objective("output[\u0663,0]")  # ARABIC-INDIC DIGIT THREE, which int() accepts
+
+
 def test_objective_string_entry_equals_tuple():
     d = derive_direct(**E1)
     assert d.grad("output[1,1]", "Q") == d.grad(("output", 1, 1), "Q")

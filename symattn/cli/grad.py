@@ -33,7 +33,7 @@ from .terminal import progress_bar
 # An exact entry longer than this many characters prints as its decimal value instead.
 MAX_PRINTED_ENTRY = 40
 PRINTED_DIGITS = 12
-_ENTRY = re.compile(r"\s*(\d+)\s*,\s*(\d+)\s*")
+_ENTRY = re.compile(r"\s*([0-9]+)\s*,\s*([0-9]+)\s*", re.ASCII)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--wrt {args.wrt!r} is not an input of {args.file.name}; its inputs are "
             f"{', '.join(derivation.inputs)}"
+        )
+    rows, cols = derivation.inputs[args.wrt].shape
+    if entry[0] >= rows or entry[1] >= cols:
+        raise InvalidInputError(
+            f"--entry {args.entry!r} is outside {args.wrt}, which has shape ({rows}, {cols}); "
+            f"rows and columns count from 0"
         )
 
     gradient = grad(derivation, objective, args.wrt)
