@@ -1,8 +1,9 @@
 """Exact gradients and Jacobians of attention, in reverse mode through the stages.
 
 For a scalar objective L write G_X = ∂L/∂X, a matrix shaped like X. Starting from the upstream
-gradient of the objective, each stage hands its gradient back to the stages it was built from
-(s is the scale, ∘ the entrywise product, 1 a column of ones, M_i the visibility mask of head i):
+gradient of the objective, each stage hands its gradient back to the stages it was built from.
+Here s is the scale, ∘ the entrywise product, 1 a column of ones and M_i the visibility mask of
+head i:
 
 .. math::
 
@@ -399,8 +400,8 @@ def grad(derivation: Derivation, objective: Any, wrt: str | sp.Symbol) -> sp.Imm
     ``objective`` is ``"sum"``, a stage entry such as ``("output", 0, 1)``, an upstream gradient
     G shaped like the output (L = ⟨G, output⟩), or a SymPy expression of ``stage_entries``.
     ``wrt`` names an input (``"W_Q"``, ``"b_V"``, ``"query_source"``, or ``"Q"`` in direct mode)
-    or a stage (``"A_0"``); a SymPy symbol gives the 1 × 1 total derivative with respect to
-    that symbol wherever it appears in the inputs.
+    or a stage (``"A_0"``). A SymPy symbol gives the 1 × 1 total derivative with respect to
+    that symbol, summed over every input entry that contains it.
 
     >>> from symattn import derive_direct
     >>> d = derive_direct([[1, 0], [0, 1]], [[1, 0], [0, 1], [1, 1]], [[1, 2], [3, 4], [5, 6]])

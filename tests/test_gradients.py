@@ -1,9 +1,10 @@
 """Exact gradients, Jacobians and Hessian-vector products, checked independently.
 
-The independent checks are: plain SymPy ``diff`` of explicit entries on small symbolic cases,
-and central finite differences of a plain mpmath forward pass written in this file (80 working
-digits, step 1e-25, so the difference quotient is good to about 1e-48 and every gradient entry
-must agree to 1e-45 absolute). The evaluation points are random rationals from a fixed seed.
+Two checks are independent of symattn's backward pass. Plain SymPy ``diff`` of explicit entries
+covers small symbolic cases. Central finite differences of a plain mpmath forward pass, written
+in this file, cover the rest: with 80 working digits and step 1e-25 the difference quotient is
+good to about 1e-48, so every gradient entry must agree to 1e-45 absolute. The evaluation
+points are random rationals from a fixed seed.
 """
 
 import random
@@ -46,8 +47,8 @@ def mp_matmul(A, B):
 def mp_forward(inputs, heads, scale, hidden, bias, masked_rows="error"):
     """Return {"output": rows, "A_<i>": rows} for inputs given as nested lists of mpf.
 
-    ``hidden(h, i, j)`` says whether key j is hidden from query i in head h and ``bias(h, i, j)``
-    is the additive mask value. A missing projection means the input is Q, K or V itself.
+    ``hidden(h, i, j)`` returns whether key j is hidden from query i in head h, and
+    ``bias(h, i, j)`` returns the additive mask value. A missing projection means the input is Q, K or V itself.
     """
     def project(source, weight, b):
         if weight not in inputs:

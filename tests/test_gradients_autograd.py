@@ -1,7 +1,7 @@
 """PyTorch autograd (torch 2.13, CPU) against symattn's exact gradients.
 
-In float64, autograd's gradients of these small cases carry a few rounding errors per entry, so
-every gradient must agree with the exact one to a relative error of 1e-12 where the exact
+In float64, autograd's gradients of these small cases carry a few rounding errors per entry.
+So every gradient must agree with the exact one to a relative error of 1e-12 where the exact
 value is not 0, and to 1e-15 absolute where it is. In float32 the bound is 1e-4 relative.
 """
 

@@ -1,8 +1,8 @@
 """Certified decimals of exact SymPy expressions, by ball arithmetic (python-flint's arb).
 
 Each entry is evaluated as a ball [m ± r] that provably contains its exact value. The digits are
-accepted when both ends of the ball, m − r and m + r, round to the same N significant digits;
-otherwise the working precision doubles. The entries of a gradient share large subexpressions
+accepted when both ends of the ball, m − r and m + r, round to the same N significant digits.
+Otherwise the working precision doubles. The entries of a gradient share large subexpressions
 (the softmax weights of every row), so each distinct subexpression is evaluated once per
 precision.
 
@@ -200,6 +200,7 @@ class BallEvaluator:
         return cached
 
     def _evaluate(self, expr: sp.Expr):
+        # Numbers and constants.
         if expr.is_Integer:
             return flint.arb(int(expr))
         if expr.is_Rational:
@@ -210,6 +211,8 @@ class BallEvaluator:
             return flint.arb.const_e()
         if expr is sp.pi:
             return flint.arb.pi()
+
+        # Operations, each argument evaluated once through the cache.
         if expr.is_Add:
             total = flint.arb(0)
             for term in expr.args:
@@ -226,6 +229,7 @@ class BallEvaluator:
             return self.evaluate(expr.args[0]).exp()
         if isinstance(expr, sp.log):
             return self.evaluate(expr.args[0]).log()
+
         if expr.is_Symbol:
             raise EvaluationError(f"the expression contains the symbol {expr}; substitute a number first")
         raise UnsupportedError(

@@ -127,8 +127,8 @@ def compare_problem_gradients(
     attention mask (−inf where hidden) and fully masked rows follow the problem's policy.
 
     NOTE: the inputs, an additive mask and a scale other than 1/√d_k reach PyTorch as float64
-    values, so a rational such as 1/3 is rounded first; the exact gradients are those of the
-    rounded values PyTorch received.
+    values, so a rational such as 1/3 is rounded first. The exact gradients are those of the
+    rounded values that PyTorch received.
     """
     fn, tensors, options = _torch_call(problem)
     return compare_gradients(
