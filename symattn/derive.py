@@ -18,7 +18,7 @@ exact as built. Rationals stay rational and square roots stay exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import sympy as sp
 
@@ -26,6 +26,9 @@ from .errors import InvalidInputError, MaskError, ShapeError
 from .limits import DEFAULT_MAX_EXPRESSION_SIZE, check_expression_size
 from .spec import AttentionSpec, normalise_masks
 from .values import to_matrix, to_row_vector
+
+if TYPE_CHECKING:
+    from .display import DerivationSummary, StageView
 
 # Stage names of one head, in pipeline order; the full name appends "_<head>".
 HEAD_STAGES: tuple[str, ...] = ("Q", "K", "V", "Z", "Z_scaled", "Z_masked", "A", "O")
@@ -142,6 +145,26 @@ class Derivation:
         from .gradients import jacobian
 
         return jacobian(self, stage, wrt)
+
+    # Display in Jupyter; the logic lives in symattn.display.
+
+    def show(self, name: str, **options: Any) -> StageView:
+        """Return stage ``name`` typeset for a notebook, long entries abbreviated; see ``symattn.display.show``."""
+        from .display import show
+
+        return show(self[name], name, **options)
+
+    def summary(self) -> DerivationSummary:
+        """Return a few lines that describe the derivation; see ``symattn.display.summary``."""
+        from .display import summary
+
+        return summary(self)
+
+    def _repr_html_(self) -> str:
+        return self.summary()._repr_html_()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self.summary()))
 
 
 def derive(
