@@ -13,6 +13,8 @@ series: exp(−u) = exp(−j0 − j1/2^8) · exp(−j/2^24) · exp(−r).
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -121,6 +123,8 @@ def exp_error(fraction_limbs: int) -> int:
 
 # Entries per block: a block's limb arrays stay in the processor cache between operations.
 BLOCK = 16384
+# Threads that evaluate blocks at once (at most one per processor core).
+MAX_WORKERS = 4
 
 
 def exp_negative(u: np.ndarray, fraction_limbs: int) -> np.ndarray:
@@ -131,9 +135,21 @@ def exp_negative(u: np.ndarray, fraction_limbs: int) -> np.ndarray:
     of the exact value; entries with exp(−u) < 2^-(F+2) come out as exactly 0.
     """
     result = np.empty((fraction_limbs + 1, u.shape[1]))
-    for start in range(0, u.shape[1], BLOCK):
+    exp_tables(fraction_limbs)  # build the tables once, before any worker needs them
+
+    def run(start: int) -> None:
         stop = min(start + BLOCK, u.shape[1])
         result[:, start:stop] = _exp_negative_block(u[:, start:stop], fraction_limbs)
+
+    starts = range(0, u.shape[1], BLOCK)
+    workers = min(len(starts), os.cpu_count() or 1, MAX_WORKERS)
+    if workers <= 1:
+        for start in starts:
+            run(start)
+        return result
+    # NumPy releases the GIL inside its array operations, so blocks on other threads run in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(run, starts))
     return result
 
 
