@@ -1,6 +1,7 @@
 """Fuzzing the readers: random and mutated input raises nothing but the package's own errors.
 
-Each reader starts from valid files, then hypothesis mutates their bytes (flips, insertions,
+Each reader (TOML derivation files, derivation JSON, verification cases and certified
+references) starts from valid files, then hypothesis mutates their bytes (flips, insertions,
 deletions, repeats, truncation) or their structure (a node of the parsed document replaced by
 a random value, a key removed or added). Reading must then return normally or raise a
 SymattnError; any other exception is a crash in the reader.
@@ -22,10 +23,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from symattn import InvalidInputError, Mask, SymattnError, derive, derive_direct, symbol_matrix
+from symattn import AttentionSpec, InvalidInputError, Mask, SymattnError, derive, derive_direct, symbol_matrix
+from symattn.export.arrays import read_reference, reference_to_json, reference_to_npz
 from symattn.export.json_reader import parse_derivation_json, read_derivation_json, rederive
 from symattn.export.numbers import derivation_to_json
 from symattn.loaders import load_derivation_file, parse_derivation
+from symattn.numeric.reference import compute_reference
+from symattn.problem import Problem
 from symattn.verify.cases import load_case
 
 EXAMPLES = int(os.environ.get("SYMATTN_FUZZ_EXAMPLES", "150"))
@@ -424,3 +428,51 @@ def test_toml_case_reader_member_paths(tmp_path, member):
     path.write_bytes(CASE_TOML_SEED.replace(b'"k.npy"', json.dumps(member).encode()))
     with pytest.raises(SymattnError):
         load_case(path)
+
+
+# The certified-reference reader (.npz archives and JSON documents from `symattn reference`).
+
+def reference_seeds():
+    problem = Problem.from_arrays(
+        spec=AttentionSpec(heads=1), direct=True, Q=[[1, 0], ["1/3", 1]], K=[[1, 0], [0, 1]], V=[[1], [2]]
+    )
+    reference = compute_reference(problem, 20)
+    return {".json": reference_to_json(reference).encode(), ".npz": reference_to_npz(reference)}
+
+
+REFERENCE_SEEDS = reference_seeds()
+
+
+@FUZZ_SETTINGS
+@given(st.sampled_from([".json", ".npz"]), st.data())
+def test_reference_reader_mutated_bytes(tmp_path, suffix, data):
+    path = tmp_path / f"reference{suffix}"
+    path.write_bytes(data.draw(mutated_bytes([REFERENCE_SEEDS[suffix]])))
+    read_or_raise_own_error(read_reference, path)
+
+
+@FUZZ_SETTINGS
+@given(st.data())
+def test_reference_reader_mutated_structure(tmp_path, data):
+    path = tmp_path / "reference.json"
+    path.write_text(to_json_text(mutate_structure(data, json.loads(REFERENCE_SEEDS[".json"]))))
+    read_or_raise_own_error(read_reference, path)
+
+
+def test_reference_reader_huge_exponent(tmp_path):
+    # Fraction("1e999999999") builds a billion-digit integer; stored inputs are bounded instead.
+    document = json.loads(REFERENCE_SEEDS[".json"])
+    document["inputs"]["Q"]["exact"][0][0] = "1e999999999"
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(InvalidInputError, match="decimal exponent beyond"):
+        read_reference(path)
+
+
+def test_reference_reader_wrong_type(tmp_path):
+    document = json.loads(REFERENCE_SEEDS[".json"])
+    document["inputs"]["Q"]["dtype"] = "nbject"
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(InvalidInputError, match="is not a valid symattn-reference/1 document"):
+        read_reference(path)

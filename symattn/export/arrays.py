@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,11 +30,12 @@ import numpy as np
 import sympy as sp
 
 from .. import __version__
-from ..errors import InvalidInputError, UnsupportedError
+from ..errors import InvalidInputError, SymattnError, UnsupportedError
 from ..numeric.ieee import FORMATS
 from ..numeric.reference import Reference
 from ..problem import Problem
 from ..spec import AttentionSpec, Mask
+from ..values import parse_number
 from .files import write_files
 
 FORMAT = "symattn-reference/1"
@@ -261,9 +263,21 @@ def read_reference(path: Path | str) -> ReferenceFile:
 
     path = Path(path)
     data = read_limited(path, "reference file")
-    if path.suffix.lower() == ".json":
-        return _read_json(data, str(path))
-    return _read_npz(data, str(path))
+    try:
+        if path.suffix.lower() == ".json":
+            return _read_json(data, str(path))
+        return _read_npz(data, str(path))
+    except SymattnError:
+        raise
+    except (
+        KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, RecursionError,
+        EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error,
+    ) as error:
+        # A missing key or a value of the wrong type, as after a hand edit, or a damaged archive.
+        raise InvalidInputError(
+            f"reference file {str(path)!r} is not a valid {FORMAT} document ({type(error).__name__}: "
+            f"{error}); export it again with write_reference or `symattn reference`"
+        ) from None
 
 
 def _read_npz(data: bytes, where: str) -> ReferenceFile:
@@ -292,7 +306,8 @@ def _read_npz(data: bytes, where: str) -> ReferenceFile:
 def _stored_input(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind != "U":
         return array
-    flat = [Fraction(text) for text in array.reshape(-1).tolist()]
+    # parse_number bounds the digits and the exponent; Fraction("1e999999999") would not finish.
+    flat = [Fraction(str(parse_number(text, "stored input"))) for text in array.reshape(-1).tolist()]
     exact = np.empty(len(flat), dtype=object)
     exact[:] = flat
     return exact.reshape(array.shape)
