@@ -7,7 +7,7 @@ infinities are rejected, because the reference of such an input is undefined.
 
 Input names follow ``Derivation.inputs``: ``query_source``, ``key_source``, ``value_source``,
 ``W_Q``, ``W_K``, ``W_V``, the 1-D biases ``b_Q``, ``b_K``, ``b_V``, and ``W_O`` with its 1-D bias
-``b_O``; or ``Q``, ``K``, ``V`` (and optionally ``W_O``, ``b_O``) in direct mode. Weights are
+``b_O``. In direct mode they are ``Q``, ``K``, ``V`` and optionally ``W_O``, ``b_O``. Weights are
 shaped (input width, output width), because rows are tokens: Q = X_q W_Q + b_Q.
 """
 
@@ -184,7 +184,7 @@ class Problem:
             visible[:, :, spec.key_length:] = False
         if spec.causal is not None:
             offset = 0 if spec.causal == "top_left" else n_kv - n_q
-            # Query i sees key j when j <= i + offset.
+            # Query i may attend to key j when j <= i + offset.
             allowed = np.arange(n_kv)[None, :] <= np.arange(n_q)[:, None] + offset
             visible &= allowed[None, :, :]
         for mask in spec.masks:
@@ -309,7 +309,7 @@ def _array_from_nested(value: Any, name: str) -> np.ndarray:
         return array
     if array.dtype.kind in "UO":
         return np.array(value, dtype=object)
-    raise InvalidInputError(f"{name} holds {array.dtype} values; expected numbers")
+    raise InvalidInputError(f"{name} has dtype {array.dtype}; expected numbers")
 
 
 def _fractions(array: np.ndarray, name: str) -> list:

@@ -10,9 +10,9 @@ Two paths compute the same certified stages:
   one exact float64 BLAS product per prime (``limbs``). The softmax runs in fixed point with
   F = 24·k fraction bits (``fixedpoint``), and every step adds a proven bound to a float64 radius.
 
-Why not arb for the large path: python-flint 0.9 costs about 1 µs per entry for each exp, for each
-conversion into or out of arb, and for each element of an arb_mat product with 150-bit entries
-(measured on a 2-core AMD EPYC). At 128×128 tokens, d_model 768 and 12 heads that adds up to well
+Why not arb for the large path: python-flint 0.9 costs about 1 µs per entry for each exp and for
+each conversion into or out of arb. An arb_mat product with 150-bit entries costs about as much per
+element (measured on a 2-core AMD EPYC). At 128×128 tokens, d_model 768 and 12 heads that adds up to well
 over a second, so the vectorised path does the same work with whole-array NumPy operations.
 """
 
@@ -32,7 +32,7 @@ from .limbs import (
     LIMB_BITS, CapacityError, approximate, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
 )
 from .reference import Intervals
-from .stage_values import BallValues, ExactValues
+from .stage_values import BallValues, ExactValues, dyadic_ball_endpoints
 
 # Problems with fewer logits (heads · n_q · n_kv) than this run entry by entry.
 VECTORISED_MIN_LOGITS = 1024
@@ -103,16 +103,7 @@ def ball_endpoints(value) -> tuple[int, int, int]:
     """Return (lo, hi, den) with lo/den = mid − rad and hi/den = mid + rad of an arb, exactly."""
     mantissa, exponent = (int(part) for part in value.mid().man_exp())
     radius_mantissa, radius_exponent = (int(part) for part in value.rad().man_exp())
-    if radius_mantissa == 0:
-        radius_exponent = exponent
-    if mantissa == 0:
-        exponent = radius_exponent
-    base = min(exponent, radius_exponent)
-    middle = mantissa << (exponent - base)
-    radius = radius_mantissa << (radius_exponent - base)
-    if base >= 0:
-        return (middle - radius) << base, (middle + radius) << base, 1
-    return middle - radius, middle + radius, 1 << -base
+    return dyadic_ball_endpoints(mantissa, exponent, radius_mantissa, radius_exponent)
 
 
 @dataclass
@@ -366,7 +357,7 @@ class VectorisedPipeline:
         """Keep A_i = E / S for the heads whose weights are requested.
 
         NOTE: E is fixed point, so a weight far below 1 is accurate to about 2^-F absolutely but not
-        relatively; compute_reference then raises the precision until it is, which can cost
+        relatively. compute_reference then raises the precision until it is, which can take
         several passes when some weights are below 2^-100.
         """
         problem = self.problem

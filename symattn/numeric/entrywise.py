@@ -1,10 +1,10 @@
 """The certified pipeline entry by entry, for any ball or interval arithmetic.
 
 Projections and QKᵀ are exact integer arithmetic (``ScaledIntegers``, NumPy object arrays of
-Python ints). From the scale on, each entry is either an exact ``Fraction`` (while everything it
-depends on is exact, such as a rational scale or a query row with one visible key), an enclosure
-from the ``Arithmetic`` in use (mpmath.iv intervals or python-flint arb balls), or a special
-value (NaN, −inf). Python loops over entries make this path slow beyond a few thousand logits;
+Python ints). From the scale on, each entry is one of three kinds. It is an exact ``Fraction``
+while everything it depends on is exact, such as a rational scale or a query row with one visible
+key. Otherwise it is an enclosure from the ``Arithmetic`` in use (mpmath.iv intervals or
+python-flint arb balls), or a special value (NaN, −inf). Python loops over entries make this path slow beyond a few thousand logits;
 it is the mpmath engine, and the plain path that the fast flint engine is checked against.
 """
 
@@ -240,8 +240,12 @@ def _is_special(value: Value) -> bool:
 
 
 def _add(a: Value, b: Value, arithmetic: Arithmetic) -> Value:
-    if _is_special(a) or _is_special(b):  # NaN or −inf absorbs any finite term
-        return (a if _is_special(a) else 0.0) + (b if _is_special(b) else 0.0)
+    if _is_special(a) and _is_special(b):
+        return a + b
+    if _is_special(a):  # NaN or −inf absorbs any finite term
+        return a
+    if _is_special(b):
+        return b
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a + b
     return _enclose(a, arithmetic) + _enclose(b, arithmetic)

@@ -61,8 +61,8 @@ def trim(limbs: np.ndarray, count: int) -> np.ndarray:
 def exp_tables(fraction_limbs: int) -> dict[str, np.ndarray | int]:
     """Return the fixed-point tables for exp(−u): F = 24 · fraction_limbs fraction bits.
 
-    "high"[j0 · 256 + j1] is exp(−j0 − j1/2^8) and "low"[j] is exp(−j/2^24) for 16-bit j, the
-    products of floor(value · 2^F) base tables (each at most 2 units low); "taylor"[n] is
+    "high"[j0 · 256 + j1] is exp(−j0 − j1/2^8) and "low"[j] is exp(−j/2^24) for 16-bit j. Both are
+    products of floor(value · 2^F) base tables, each at most 2 units low. "taylor"[n] is
     floor(2^F / n!). Two combined tables need two products per exp instead of four.
     """
     F = LIMB_BITS * fraction_limbs
@@ -130,7 +130,7 @@ MAX_WORKERS = 4
 def exp_negative(u: np.ndarray, fraction_limbs: int) -> np.ndarray:
     """Return exp(−u) in fixed point with ``fraction_limbs`` fraction limbs, for u ≥ 0.
 
-    ``u`` holds normalised nonnegative limbs (count ≥ fraction_limbs + 1) with the same fraction
+    ``u`` contains normalised nonnegative limbs (count ≥ fraction_limbs + 1) with the same fraction
     limbs. The result has fraction_limbs + 1 limbs and is within exp_error(fraction_limbs) units
     of the exact value; entries with exp(−u) < 2^-(F+2) come out as exactly 0.
     """

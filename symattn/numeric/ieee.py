@@ -31,7 +31,7 @@ class BinaryFormat:
 
     ``precision``: significand bits including the implicit leading bit.
     ``min_exponent``, ``max_exponent``: the exponent range E_min … E_max of normal numbers.
-    ``storage``: the NumPy dtype that holds the format's values exactly (float32 for bfloat16).
+    ``storage``: the NumPy dtype that represents the format's values exactly (float32 for bfloat16).
     """
 
     name: str

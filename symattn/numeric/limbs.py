@@ -5,10 +5,10 @@ x = Σ_l limbs[l] · 2^(LIMB_BITS · l). Normalised limbs lie in [0, 2^LIMB_BITS
 which carries the sign, so −1 is [2^24 − 1, −1]. Every operation keeps each float64 an integer
 below 2^53 in magnitude, so all arithmetic is exact.
 
-Matrix products of big integers go through a residue number system: the factors are reduced
-modulo primes p below 2^22–2^24, each product of residues is an ordinary BLAS float64 product whose
-sums stay below 2^53 (so it is exact), and the Chinese remainder theorem recombines the residues
-into limbs. This is the residue variant of the Ozaki scheme for exact products with floating-point
+Matrix products of big integers go through a residue number system. The factors are reduced
+modulo primes p below 2^22–2^24, and each product of residues is an ordinary BLAS float64 product
+whose sums stay below 2^53, so it is exact. The Chinese remainder theorem then recombines the
+residues into limbs. This is the residue variant of the Ozaki scheme for exact products with floating-point
 BLAS; it needs one BLAS product per prime instead of one per pair of slices.
 """
 
@@ -84,8 +84,8 @@ def magnitudes(limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def approximate(limbs: np.ndarray, exponent: int = 0) -> np.ndarray:
     """Return float64 approximations of normalised limbs · 2^exponent (relative error below 2^-47).
 
-    Summing the magnitude's limbs avoids the cancellation that a negative top limb would cause
-    against the nonnegative lower limbs; every term is nonnegative, so the sum is accurate.
+    The sum runs over the magnitude's limbs, because a negative top limb would cancel against
+    the nonnegative lower limbs. Every term is nonnegative, so the sum is accurate.
     """
     negative, magnitude = magnitudes(limbs)
     value = np.zeros(limbs.shape[1:])

@@ -3,8 +3,9 @@
 Enclosures are ``mpmath.iv`` intervals, whose endpoints mpmath rounds outward. Projections and
 QKᵀ stay exact integer arithmetic (see ``entrywise``).
 
-NOTE: the bounds are as rigorous as mpmath's directed rounding of exp and sqrt in mpmath.iv;
-python-flint's arb states error bounds for its functions, mpmath.iv relies on its libmp routines.
+NOTE: the bounds are as rigorous as mpmath's directed rounding of exp and sqrt in mpmath.iv.
+python-flint's arb states error bounds for its functions, while mpmath.iv relies on its libmp
+routines rounding in the requested direction.
 """
 
 from __future__ import annotations

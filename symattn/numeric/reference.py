@@ -46,7 +46,7 @@ _warned_fallback = False
 
 
 class StageValues(Protocol):
-    """What an engine returns per stage: a shape, a narrowness test and exact endpoints on request."""
+    """An engine's result for one stage: a shape, a narrowness test and exact endpoints on request."""
 
     shape: tuple[int, int]
 
@@ -59,8 +59,8 @@ class StageValues(Protocol):
 class Intervals:
     """Flat row-major entries with lo[k]/den[k] ≤ x_k ≤ hi[k]/den[k], or a special value.
 
-    ``special`` maps a flat index to NaN (a fully masked row under policy "nan") or −inf
-    (the masked logit of a hidden key); lo/hi/den entries at those indices are ignored.
+    ``special`` maps a flat index to NaN (a fully masked row under policy "nan") or to −inf
+    (the masked logit of a hidden key). The lo/hi/den entries at those indices are ignored.
     """
 
     shape: tuple[int, int]
@@ -79,7 +79,7 @@ class Intervals:
         return self
 
     def is_narrow(self, bits: int) -> bool:
-        """Whether every entry is exact or has relative width at most 2^-bits.
+        """Return whether every entry is exact or has relative width at most 2^-bits.
 
         An interval that contains zero can never be narrow relative to itself, so it counts as
         narrow once its width is 2^-(bits + 64) of the largest magnitude in the matrix.
@@ -226,9 +226,11 @@ class CertifiedMatrix:
 
 
 def _special_result(special: float, what: str) -> object:
-    if what.endswith("digits"):
-        return "nan" if math.isnan(special) else ("-inf" if special < 0 else "inf")
-    return special
+    if not what.endswith("digits"):
+        return special
+    if math.isnan(special):
+        return "nan"
+    return "-inf" if special < 0 else "inf"
 
 
 def _round_up(numerator: int, denominator: int) -> float:
@@ -263,7 +265,7 @@ def _round_decimal(numerator: int, denominator: int, digits: int) -> decimal.Dec
 
 
 def _terminates_within(numerator: int, denominator: int, digits: int) -> bool:
-    """Whether numerator/denominator has a decimal expansion of at most ``digits`` significant digits."""
+    """Return whether numerator/denominator has a decimal expansion of at most ``digits`` significant digits."""
     if numerator == 0:
         return True
     divisor = math.gcd(numerator, denominator)
@@ -367,7 +369,7 @@ def _check_stages(problem: Problem, stages: Iterable[str] | None) -> list[str]:
 
 
 def flint_available() -> bool:
-    """Whether python-flint can be imported."""
+    """Return whether python-flint can be imported."""
     try:
         import flint  # noqa: F401
     except ImportError:

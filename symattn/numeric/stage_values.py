@@ -20,8 +20,8 @@ from .reference import Intervals
 class ExactValues:
     """Exact entries: value = int(limbs) · 2^exponent · factor (+ added), or −inf where hidden.
 
-    ``limbs`` has shape (L, rows · cols); ``added`` is None or an object array of Fractions per
-    entry (an additive mask); ``hidden`` is None or a bool array marking −inf entries.
+    ``limbs`` has shape (L, rows · cols). ``added`` is None or an object array of Fractions per
+    entry (an additive mask), and ``hidden`` is None or a bool array marking −inf entries.
     """
 
     shape: tuple[int, int]
@@ -77,7 +77,7 @@ class BallValues:
         return special
 
     def is_narrow(self, bits: int) -> bool:
-        """Whether every ball is exact or has relative radius at most 2^-bits (see Intervals.is_narrow)."""
+        """Return whether every ball is exact or has relative radius at most 2^-bits (see Intervals.is_narrow)."""
         ordinary = ~self._special() & (self.radius > 0)
         if not ordinary.any():
             return True
@@ -114,15 +114,17 @@ class BallValues:
 
 def _ball_endpoints(middle: int, exponent: int, radius: float, radius_exponent: int) -> tuple[int, int, int]:
     """Return (lo, hi, den) for the ball middle · 2^exponent ± radius · 2^radius_exponent."""
-    if radius == 0.0:
-        if exponent >= 0:
-            return middle << exponent, middle << exponent, 1
-        return middle, middle, 1 << -exponent
     numerator, denominator = radius.as_integer_ratio()  # denominator is a power of two
-    radius_shift = radius_exponent - (denominator.bit_length() - 1)  # radius = numerator · 2^radius_shift
-    base = min(exponent, radius_shift)
+    return dyadic_ball_endpoints(middle, exponent, numerator, radius_exponent - (denominator.bit_length() - 1))
+
+
+def dyadic_ball_endpoints(middle: int, exponent: int, radius: int, radius_exponent: int) -> tuple[int, int, int]:
+    """Return (lo, hi, den) with lo/den = m·2^e − r·2^f and hi/den = m·2^e + r·2^f exactly."""
+    if radius == 0:
+        radius_exponent = exponent
+    base = min(exponent, radius_exponent)
     centre = middle << (exponent - base)
-    spread = numerator << (radius_shift - base)
+    spread = radius << (radius_exponent - base)
     if base >= 0:
         return (centre - spread) << base, (centre + spread) << base, 1
     return centre - spread, centre + spread, 1 << -base

@@ -1,8 +1,8 @@
 """The SymPy path as an engine: the exact derivation, evaluated entry by entry.
 
 Rational entries are exact. Other entries are evaluated with ``evalf`` at the working precision
-and again with 32 more bits; the interval is the second value widened by four units in the last
-place of the first, and it is accepted when it contains the first value (Ziv's strategy).
+and again with about 32 more bits. The interval is the second value widened by four units in the
+last place of the first, and it is accepted when it contains the first value (Ziv's strategy).
 NOTE: this agreement is strong evidence, not a proof, unlike the intervals of the flint and
 mpmath engines.
 """
