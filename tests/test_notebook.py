@@ -7,6 +7,8 @@ the checks. Expected numbers are computed here with plain mpmath.
 from __future__ import annotations
 
 import ast
+import json
+import sys
 from pathlib import Path
 
 import mpmath
@@ -17,17 +19,30 @@ import pytest
 REPOSITORY = Path(__file__).resolve().parent.parent
 TUTORIAL = REPOSITORY / "docs" / "tutorial.ipynb"
 KERNEL_TIMEOUT_SECONDS = 300
+KERNEL_NAME = "symattn-tests"
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, list]:
-    """Execute the tutorial once and return the outputs of each tagged code cell."""
+    """Execute the tutorial once and return the outputs of each tagged code cell.
+
+    The kernel runs this test's interpreter, through a kernel spec made for the test, so it
+    imports the symattn under test whatever kernels Jupyter has installed.
+    """
     notebook = nbformat.read(TUTORIAL, as_version=4)
     folder = tmp_path_factory.mktemp("tutorial")
-    client = nbclient.NotebookClient(
-        notebook, timeout=KERNEL_TIMEOUT_SECONDS, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
-    )
-    client.execute()
+    spec_folder = folder / "jupyter" / "kernels" / KERNEL_NAME
+    spec_folder.mkdir(parents=True)
+    kernel = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+              "display_name": "symattn tests", "language": "python"}
+    (spec_folder / "kernel.json").write_text(json.dumps(kernel), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", str(folder / "jupyter"))
+        client = nbclient.NotebookClient(
+            notebook, timeout=KERNEL_TIMEOUT_SECONDS, kernel_name=KERNEL_NAME,
+            resources={"metadata": {"path": str(folder)}},
+        )
+        client.execute()
     tagged = {}
     for cell in notebook.cells:
         if cell.cell_type == "code":
