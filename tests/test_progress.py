@@ -246,6 +246,15 @@ def test_final_lines_cover_every_command():
     assert set(FINAL_LINES) == set(COMMAND_MODULES)
 
 
+def test_verify_grad_ends_with_outputs_and_time(tmp_path):
+    case = write_case(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "symattn", "verify", str(case), "--grad"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pattern = r"symattn: verified the gradients of .*case\.npz in \d+\.\d\d s; wrote the report as a table to stdout and no files"
+    assert re.fullmatch(pattern, result.stderr.rstrip("\n").splitlines()[-1]), result.stderr
+
+
 @pytest.mark.parametrize("command", sorted(FINAL_LINES))
 def test_command_ends_with_outputs_and_time(command, tmp_path):
     arguments, stream, pattern = FINAL_LINES[command]

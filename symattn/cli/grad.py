@@ -129,7 +129,12 @@ def verify_gradients(args: argparse.Namespace, case: object, started: float) -> 
         tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
     report = compare_problem_gradients(case.problem, digits=args.digits, tolerance=tolerance)
     sys.stdout.write(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n" if args.json else report.to_table())
-    print(f"symattn: verified the gradients of {args.case} in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    form = "JSON" if args.json else "a table"
+    print(
+        f"symattn: verified the gradients of {args.case} in {time.perf_counter() - started:.2f} s; wrote the "
+        f"report as {form} to stdout and no files",
+        file=sys.stderr,
+    )
     return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED
 
 
