@@ -175,7 +175,7 @@ def test_compile_cannot_write_outside(tmp_path):
 
 
 @pytest.mark.requires_pdflatex
-def test_compile_command_is_restricted(monkeypatch):
+def test_compile_command_is_restricted(monkeypatch, tmp_path):
     # A spy on subprocess.run records the call and runs the real pdflatex.
     latex = importlib.import_module("symattn.export.latex")
     calls = []
@@ -186,7 +186,8 @@ def test_compile_command_is_restricted(monkeypatch):
         return real_run(command, **kwargs)
 
     monkeypatch.setattr(latex.subprocess, "run", spy)
-    compile_pdf(raw_document(""))
+    out = tmp_path / "out"
+    compile_pdf(raw_document(""), build_folder=out)
 
     (command, kwargs), = calls
     assert "-no-shell-escape" in command
@@ -196,4 +197,7 @@ def test_compile_command_is_restricted(monkeypatch):
     assert kwargs["env"]["openout_any"] == "p"
     assert kwargs["env"]["shell_escape"] == "f"
     assert kwargs["stdin"] == subprocess.DEVNULL
-    assert Path(kwargs["cwd"]).name.startswith(".symattn-latex-") or "symattn-latex-" in Path(kwargs["cwd"]).name
+    # pdflatex runs in a hidden folder inside the output folder, removed afterwards.
+    assert Path(kwargs["cwd"]).parent == out
+    assert Path(kwargs["cwd"]).name.startswith(".symattn-latex-")
+    assert list(out.iterdir()) == []

@@ -240,5 +240,6 @@ def test_sigint_during_latex_keeps_outputs(tmp_path):
     assert "interrupted" in stderr
     assert "Traceback" not in stderr
     assert_unchanged(out, previous)
+    assert build_folder.parent == out  # pdflatex ran inside the output folder
     assert not build_folder.exists()
     assert "pdflatex" not in command_line(pdflatex_pid)

@@ -84,7 +84,7 @@ def write_outputs(
             )
         else:
             with progress_bar() as progress:
-                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress)
+                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress, build_folder=args.out)
     files[args.out / f"{name}.json"] = derivation_to_json(derivation, args.digits)
 
     write_files(files, args.force)

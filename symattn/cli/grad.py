@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             with progress_bar() as progress:
-                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress)
+                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress, build_folder=args.out)
     files[args.out / f"{name}.json"] = gradient_to_json(derivation, objective, args.wrt, args.digits)
 
     write_files(files, args.force)

@@ -713,13 +713,19 @@ class PdfBuild:
     log: str
 
 
-def compile_pdf(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None) -> bytes:
+def compile_pdf(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None,
+                build_folder: str | Path | None = None) -> bytes:
     """Compile LaTeX source with pdflatex and return the PDF bytes; see run_pdflatex."""
-    return run_pdflatex(tex, timeout, progress).pdf
+    return run_pdflatex(tex, timeout, progress, build_folder).pdf
 
 
-def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None) -> PdfBuild:
+def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: Progress | None = None,
+                 build_folder: str | Path | None = None) -> PdfBuild:
     """Compile LaTeX source with pdflatex in a temporary folder and return the PDF and the log.
+
+    The temporary folder (``.symattn-latex-*``) is created inside ``build_folder`` when it is
+    given, which the commands set to their output folder, else in the system's temporary
+    folder. It is removed when pdflatex ends, also when it fails or the run is interrupted.
 
     pdflatex runs without shell escape, in nonstop mode, stopping at the first error, and
     with kpathsea's paranoid file access (openin_any=p, openout_any=p: no dot files, no parent
@@ -746,7 +752,12 @@ def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: 
         shell_escape="f",
     )
     environment.pop("TEXMFOUTPUT", None)
-    with tempfile.TemporaryDirectory(prefix="symattn-latex-") as folder:
+    if build_folder is not None:
+        try:
+            Path(build_folder).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"creating the output folder {str(build_folder)!r} failed: {error.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix=".symattn-latex-", dir=build_folder) as folder:
         source = Path(folder) / "document.tex"
         source.write_text(tex, encoding="utf-8")
         command = [
@@ -804,6 +815,6 @@ def build_pdf(tex: str, out_path: str | Path, force: bool = False, progress: Pro
     (see export.files).
     """
     out_path = Path(out_path)
-    pdf = compile_pdf(tex, progress=progress)
+    pdf = compile_pdf(tex, progress=progress, build_folder=out_path.parent)
     write_files({out_path: pdf}, force)
     return out_path
