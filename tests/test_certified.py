@@ -364,3 +364,37 @@ def test_reference_sympy_irrational_scale_stage():
     problem = Problem.from_arrays(spec=AttentionSpec(), direct=True, **E1)
     ref = compute_reference(problem, 20, stages=["Z_scaled_0"], engine="sympy")
     assert ref["Z_scaled_0"].decimals()[0][0] == matrix_to_decimals(sp.Matrix([[1 / sp.sqrt(2)]]), 20)[0][0]
+
+
+@pytest.mark.parametrize("seed, precision", [(0, 60), (2, 60), (3, 140)])
+def test_whole_array_rounding_matches_exact_path(seed, precision):
+    problem = random_problem(seed, masked_rows="nan" if seed % 2 else "zeros", direct=seed == 3)
+    names = stage_names(problem)
+    values = certified.VectorisedPipeline(problem, precision, set(names)).run()
+    for name in names:
+        def refine(bits, name=name):
+            return certified.VectorisedPipeline(problem, bits, {name}).run()[name]
+
+        fast = CertifiedMatrix(name, values[name].shape, values[name], precision, 20, refine)
+        exact = CertifiedMatrix(name, values[name].shape, values[name].to_intervals(), precision, 20, refine)
+        for dtype in ("float64", "float32", "float16", "bfloat16"):
+            a, b = fast.rounded(dtype), exact.rounded(dtype)
+            assert np.array_equal(a, b, equal_nan=True), (name, dtype)
+            assert np.array_equal(np.signbit(a), np.signbit(b)), (name, dtype)
+
+
+@pytest.mark.parametrize("integer, dtype, expected", [
+    (2**53 + 1, "float64", 2.0**53),  # a tie: the even neighbour
+    (2**53 + 3, "float64", 2.0**53 + 4),  # a tie: the even neighbour above
+    (65520, "float16", math.inf),  # float16's overflow threshold is a tie that rounds up
+    (65519, "float16", 65504.0),
+    (-(2**24 + 1), "float32", -(2.0**24)),
+    (0, "bfloat16", 0.0),
+])
+def test_whole_array_rounding_of_exact_ties(integer, dtype, expected):
+    from symattn.numeric.limbs import from_ints
+    from symattn.numeric.stage_values import ExactValues
+
+    stage = ExactValues((1, 1), from_ints([integer], 4), 0)
+    matrix = CertifiedMatrix("x", (1, 1), stage, 100, 20)
+    assert matrix.rounded(dtype)[0, 0] == expected

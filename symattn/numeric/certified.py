@@ -29,7 +29,7 @@ from ..exact_arrays import odd_mantissas_and_exponents
 from ..problem import Problem
 from .fixedpoint import exp_error, exp_negative, multiply_truncated, product_error
 from .limbs import (
-    LIMB_BITS, CapacityError, approximate, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
+    LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
 )
 from .reference import Intervals
 from .stage_values import BallValues, ExactValues, dyadic_ball_endpoints
@@ -142,20 +142,8 @@ class IntegerMatrix:
         return cls(values, base, _bits_of(values))
 
     def chunks(self) -> np.ndarray:
-        """Return 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape).
-
-        The chunks are floors, so all but the top one lie in [0, 2^24) and the top one carries the
-        sign: they are normalised limbs. Every step is exact: a power-of-two scaling, a floor, and
-        the subtraction of a float's leading part.
-        """
-        count = max(1, math.ceil((self.bits + 1) / LIMB_BITS))
-        rest = self.values
-        chunks = np.empty((count,) + self.values.shape)
-        for j in range(count - 1, 0, -1):
-            np.floor(rest * 2.0 ** (-LIMB_BITS * j), out=chunks[j])
-            rest = rest - chunks[j] * 2.0 ** (LIMB_BITS * j)
-        chunks[0] = rest
-        return chunks
+        """Return 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape): normalised limbs."""
+        return float_limbs(self.values, max(1, math.ceil((self.bits + 1) / LIMB_BITS)))
 
     def limbs(self) -> np.ndarray:
         return self.chunks()

@@ -116,7 +116,11 @@ def round_interval(lo: int, hi: int, denominator: int, fmt: BinaryFormat) -> flo
     if lo == hi:
         return low
     high = round_rational(hi, denominator, fmt)
-    return low if low == high else None
+    if low != high:
+        return None
+    if low == 0.0 and math.copysign(1.0, low) != math.copysign(1.0, high):
+        return math.copysign(0.0, lo + hi)  # both ends round to zero: take the midpoint's sign
+    return low
 
 
 def to_storage(values: np.ndarray, fmt: BinaryFormat) -> np.ndarray:

@@ -44,6 +44,21 @@ def normalize(limbs: np.ndarray) -> np.ndarray:
     return limbs
 
 
+def float_limbs(values: np.ndarray, count: int) -> np.ndarray:
+    """Return normalised limbs (count, *shape) of float64 arrays of exact integers (|v| < 2^(24·count − 1)).
+
+    Each step is exact: a power-of-two scaling, a floor, and the subtraction of a float's leading
+    part, so all limbs but the top one lie in [0, 2^24) and the top one carries the sign.
+    """
+    rest = values
+    limbs = np.empty((count,) + values.shape)
+    for j in range(count - 1, 0, -1):
+        np.floor(rest * 2.0 ** (-LIMB_BITS * j), out=limbs[j])
+        rest = rest - limbs[j] * 2.0 ** (LIMB_BITS * j)
+    limbs[0] = rest
+    return limbs
+
+
 def from_ints(values: list[int], count: int) -> np.ndarray:
     """Return the limbs of Python ints (shape (count, len(values))); each must fit in count limbs."""
     limbs = np.zeros((count, len(values)))

@@ -118,6 +118,7 @@ class CertifiedMatrix:
         self.precision = precision
         self.digits = digits
         self._values = values
+        self._stage = values
         self._refine = refine
         self._finer: list[tuple[int, Intervals]] = []
         self._rounded: dict[str, np.ndarray] = {}
@@ -141,8 +142,18 @@ class CertifiedMatrix:
         """
         fmt = binary_format(dtype)
         if fmt.name not in self._rounded:
-            values = self._decide(lambda lo, hi, den: round_interval(lo, hi, den, fmt), f"{fmt.name}")
-            array = np.array(values, dtype=np.float64).reshape(self.shape).astype(fmt.storage)
+            decide = lambda lo, hi, den: round_interval(lo, hi, den, fmt)  # noqa: E731
+            round_fast = getattr(self._stage, "round_fast", None)
+            if round_fast is None:
+                values = np.array(self._decide(decide, fmt.name), dtype=np.float64)
+            else:
+                # Whole-array rounding decides almost every entry; the rest take the exact path.
+                values, decided = round_fast(fmt)
+                undecided = np.flatnonzero(~decided).tolist()
+                if undecided:
+                    values = values.copy()
+                    values[undecided] = self._decide(decide, fmt.name, undecided)
+            array = values.reshape(self.shape).astype(fmt.storage)
             array.flags.writeable = False
             self._rounded[fmt.name] = array
         return self._rounded[fmt.name].copy()
@@ -181,12 +192,14 @@ class CertifiedMatrix:
         """Return the float64 values nearest to the entries, the same as ``rounded("float64")``."""
         return self.rounded("float64")
 
-    def _decide(self, decide: Callable[[int, int, int], object], what: str) -> list:
-        """Apply ``decide`` to every entry, refining the stage where it returns None."""
+    def _decide(self, decide: Callable[[int, int, int], object], what: str,
+                indices: list[int] | None = None) -> list:
+        """Apply ``decide`` to every entry (or to ``indices``), refining the stage where it returns None."""
         values = self.intervals
-        results: list = [None] * len(values.lo)
+        chosen = range(len(values.lo)) if indices is None else indices
+        results: dict[int, object] = {}
         pending = []
-        for k in range(len(values.lo)):
+        for k in chosen:
             special = values.special.get(k)
             if special is not None:
                 results[k] = _special_result(special, what)
@@ -206,7 +219,7 @@ class CertifiedMatrix:
                     still.append(k)
                 results[k] = result
             pending = still
-        return results
+        return [results[k] for k in chosen]
 
     def _refined(self, precision: int, what: str, pending: list[int]) -> Intervals:
         for known, values in self._finer:

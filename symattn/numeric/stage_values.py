@@ -12,8 +12,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from .limbs import approximate, to_ints
+from .ieee import BinaryFormat
+from .limbs import approximate, float_limbs, magnitudes, normalize, to_ints
 from .reference import Intervals
+
+# Entries whose scaled distance to a rounding boundary is below this are left to the exact path.
+BOUNDARY_MARGIN = 2.0**-40
 
 
 @dataclass
@@ -33,6 +37,16 @@ class ExactValues:
 
     def is_narrow(self, bits: int) -> bool:
         return True
+
+    def round_fast(self, fmt: BinaryFormat) -> tuple[np.ndarray, np.ndarray]:
+        """Return (values, decided) as round_balls does; only plain scaled integers are handled."""
+        if self.factor != 1 or self.added is not None:
+            return np.zeros(self.limbs.shape[1]), np.zeros(self.limbs.shape[1], dtype=bool)
+        values, decided = round_balls(self.limbs, self.exponent, np.zeros(self.limbs.shape[1]), 0, fmt)
+        if self.hidden is not None:
+            values = np.where(self.hidden, -np.inf, values)
+            decided = decided | self.hidden
+        return values, decided
 
     def to_intervals(self) -> Intervals:
         integers = to_ints(self.limbs)
@@ -94,6 +108,15 @@ class BallValues:
             return bool(np.all(radius_bits[straddling] + 1 <= largest - bits - 64))
         return True
 
+    def round_fast(self, fmt: BinaryFormat) -> tuple[np.ndarray, np.ndarray]:
+        """Return (values, decided) as round_balls does, with NaN and −inf entries decided."""
+        values, decided = round_balls(self.limbs, self.exponent, self.radius, self.radius_exponent, fmt)
+        for mask, fill in ((self.hidden, -np.inf), (self.nan, np.nan)):
+            if mask is not None:
+                values = np.where(mask, fill, values)
+                decided = decided | mask
+        return values, decided
+
     def to_intervals(self) -> Intervals:
         integers = to_ints(self.limbs)
         special = {}
@@ -110,6 +133,51 @@ class BallValues:
                                                      self.radius_exponent)
             lo.append(low), hi.append(high), den.append(denominator)
         return Intervals(self.shape, lo, hi, den, special)
+
+
+def round_balls(limbs: np.ndarray, exponent: int, radius: np.ndarray, radius_exponent: int,
+                fmt: BinaryFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Round balls int(limbs)·2^exponent ± radius·2^radius_exponent to ``fmt`` where that is certain.
+
+    Returns (values, decided): ``values`` holds the correctly rounded float for every entry where
+    ``decided`` is True. The middle is split into hi, its float64 approximation, and lo, the exact
+    remainder rounded to float64, so hi + lo is within about 2^-100 of it. An entry is decided when
+    the whole ball, widened by that error, lies inside one rounding cell; entries within
+    BOUNDARY_MARGIN of a cell boundary, zero middles with a radius, and values beyond float64's
+    exponent range are left undecided for the exact path.
+    """
+    negative, magnitude = magnitudes(limbs)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        hi = approximate(magnitude, exponent)
+
+        # The remainder lo = |middle| − hi, exactly in limbs, then as a float64.
+        scaled_hi = np.ldexp(hi, -exponent)  # an integer whenever |middle| ≥ 2^53
+        usable = np.isfinite(scaled_hi) & (hi > 0) & np.isfinite(hi)
+        scaled_hi = np.where(usable, scaled_hi, 0.0)
+        remainder = normalize(magnitude - float_limbs(scaled_hi, magnitude.shape[0]))
+        exact = ~remainder.any(axis=0)
+        lo = approximate(remainder, exponent)
+
+        # Quantum 2^q of the format at hi's binade, subnormals included; t = hi / 2^q.
+        binade = np.frexp(hi)[1] - 1
+        q = np.maximum(binade, fmt.min_exponent) - fmt.precision + 1
+        t = np.ldexp(hi, -q)
+        whole = np.floor(t)
+        fraction = (t - whole) + np.ldexp(lo, -q)  # position of |middle| inside the cell, in quanta
+        spread = np.ldexp(radius, radius_exponent - q) * (1 + 2.0**-30) + BOUNDARY_MARGIN
+
+        down = fraction + spread < 0.5
+        up = (fraction - spread > 0.5) & (fraction + spread < 1.5)
+        tie = (fraction == 0.5) & exact & (radius == 0)
+        stays = down & (fraction - spread > -0.5)
+        magnitude_rounded = np.where(up | (tie & (whole % 2 == 1)), whole + 1, whole)
+        rounded = np.ldexp(magnitude_rounded, q)
+        rounded = np.where(rounded > fmt.max_finite, np.inf, rounded)
+
+    decided = usable & (stays | up | tie)
+    zero = ~magnitude.any(axis=0) & (radius == 0)
+    values = np.where(zero, 0.0, np.where(negative, -rounded, rounded))
+    return np.where(decided | zero, values, 0.0), decided | zero
 
 
 def _ball_endpoints(middle: int, exponent: int, radius: float, radius_exponent: int) -> tuple[int, int, int]:
