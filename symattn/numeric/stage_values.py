@@ -139,7 +139,7 @@ def round_balls(limbs: np.ndarray, exponent: int, radius: np.ndarray, radius_exp
                 fmt: BinaryFormat) -> tuple[np.ndarray, np.ndarray]:
     """Round balls int(limbs)·2^exponent ± radius·2^radius_exponent to ``fmt`` where that is certain.
 
-    Returns (values, decided): ``values`` holds the correctly rounded float for every entry where
+    Returns (values, decided): ``values`` contains the correctly rounded float for every entry where
     ``decided`` is True. The middle is split into hi, its float64 approximation, and lo, the exact
     remainder rounded to float64, so hi + lo is within about 2^-100 of it. An entry is decided when
     the whole ball, widened by that error, lies inside one rounding cell; entries within
