@@ -6,7 +6,7 @@ which carries the sign, so −1 is [2^24 − 1, −1]. Every operation keeps eac
 below 2^53 in magnitude, so all arithmetic is exact.
 
 Matrix products of big integers go through a residue number system. The factors are reduced
-modulo primes p below 2^22–2^24, and each product of residues is an ordinary BLAS float64 product
+modulo primes p of 22 to 24 bits, and each product of residues is an ordinary BLAS float64 product
 whose sums stay below 2^53, so it is exact. The Chinese remainder theorem then recombines the
 residues into limbs. This is the residue variant of the Ozaki scheme for exact products with floating-point
 BLAS; it needs one BLAS product per prime instead of one per pair of slices.
@@ -124,10 +124,10 @@ def magnitude_bits(limbs: np.ndarray) -> int:
 
 
 @lru_cache(maxsize=None)
-def primes_below(bits: int, count: int) -> tuple[int, ...]:
-    """Return the ``count`` largest primes below 2^bits (odd, distinct), largest first."""
+def primes_up_to(limit: int, count: int) -> tuple[int, ...]:
+    """Return the ``count`` largest odd primes at most ``limit``, largest first."""
     primes = []
-    candidate = (1 << bits) - 1
+    candidate = limit if limit % 2 else limit - 1
     while len(primes) < count:
         if _is_prime(candidate):
             primes.append(candidate)
@@ -144,14 +144,14 @@ def _is_prime(n: int) -> bool:
     return True
 
 
-def prime_bits_for(inner: int) -> int:
-    """Return the prime size that keeps a float64 dot product of ``inner`` residues exact.
+def prime_limit_for(inner: int) -> int:
+    """Return the largest prime size that keeps a float64 dot product of ``inner`` residues exact.
 
-    Symmetric residues satisfy |r| ≤ (p + 1)/2 < 2^(bits−1), so a sum of ``inner`` products stays
-    below inner · 2^(2·bits − 2), which must not exceed 2^52.
+    Symmetric residues satisfy |r| ≤ (p + 1)/2, so every partial sum of ``inner`` products stays
+    at most inner · ((p + 1)/2)², which must not exceed 2^53. Primes also stay below 2^24, which
+    keeps the products in reduction and recombination below 2^48.
     """
-    bits = (54 - math.ceil(math.log2(max(inner, 2)))) // 2
-    return min(bits, 24)
+    return min((1 << 24) - 1, 2 * math.isqrt((1 << 53) // max(inner, 1)) - 1)
 
 
 class PrimeSet:
@@ -229,18 +229,20 @@ class PrimeSet:
 
 
 @lru_cache(maxsize=None)
-def prime_set(bits: int, count: int) -> PrimeSet:
-    return PrimeSet(primes_below(bits, count))
+def prime_set(limit: int, count: int) -> PrimeSet:
+    return PrimeSet(primes_up_to(limit, count))
 
 
 def primes_for(product_bits: int, inner: int) -> PrimeSet:
-    """Return primes whose product exceeds 2^(product_bits + 2), sized for dot products of length ``inner``."""
-    bits = prime_bits_for(inner)
-    candidates = primes_below(bits, 31)
+    """Return primes whose product M exceeds 2^(product_bits + 2), sized for dot products of length ``inner``.
+
+    Integers below 2^product_bits in magnitude are then below M/4, as ``to_limbs`` needs.
+    """
+    limit = prime_limit_for(inner)
     total = 0.0
-    for count, p in enumerate(candidates, start=1):
+    for count, p in enumerate(primes_up_to(limit, 31), start=1):
         total += math.log2(p)
-        if total >= product_bits + 3:
-            return prime_set(bits, count)
-    raise CapacityError(f"a product of {product_bits} bits needs more than 31 primes of {bits} bits; "
+        if total >= product_bits + 2.1:  # 0.1 covers the rounding of the float64 logarithms
+            return prime_set(limit, count)
+    raise CapacityError(f"a product of {product_bits} bits needs more than 31 primes below {limit}; "
                         f"at most 31 keep the recombination exact")
