@@ -199,7 +199,7 @@ class VectorisedPipeline:
         if not self.wants("Z", "Z_scaled", "Z_masked", "A", "O", "concat", "output"):
             return self.results
 
-        Z = self._logits(Q, K)
+        self._logits(Q, K)
         if not self.wants("A", "O", "concat", "output"):
             return self.results
         E = self._exponentials()
@@ -240,7 +240,6 @@ class VectorisedPipeline:
 
     def _keep_exact_projections(self, Q: tuple, K: tuple, V: tuple) -> None:
         problem = self.problem
-        self.Q, self.K, self.V = Q, K, V
         h, d_k, d_v = problem.heads, problem.d_k, problem.d_v
         for name, (limbs, exponent, _), width in (("Q", Q, d_k), ("K", K, d_k), ("V", V, d_v)):
             if name in self.stages:
@@ -317,7 +316,7 @@ class VectorisedPipeline:
         E[:, ~self.visible] = 0.0
         # exp is 1-Lipschitz for u ≥ 0, so the logit error adds to the exp error.
         self.E_error = exp_error(self.k) + self.T_error
-        sums = normalize(_pad(E, E.shape[0] + 2).sum(axis=3))  # exact: limb sums stay below 2^(24 + 16)
+        sums = normalize(_pad(E, E.shape[0] + 2).sum(axis=3))  # exact: limb sums stay below n_kv · 2^24
         self.S = to_ints(sums)  # per (head, query), units 2^-F
         self.empty = self.visible_count == 0
         return E
