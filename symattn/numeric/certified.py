@@ -42,9 +42,10 @@ MAX_INPUT_BITS = 900
 
 def evaluate(problem: Problem, precision: int, stages: set[str]) -> dict[str, object]:
     """Evaluate the requested stages at ``precision`` bits plus guard bits."""
-    if use_vectorised(problem):
+    inputs = integer_inputs(problem) if enough_logits(problem) else None
+    if inputs is not None:
         try:
-            return VectorisedPipeline(problem, precision, stages).run()
+            return VectorisedPipeline(problem, precision, stages, inputs).run()
         except CapacityError:
             # Integers wider than 31 primes can hold (very wide inputs or a precision of many
             # hundred bits) go through the entry-by-entry path, which is slow but has no limit.
@@ -54,9 +55,26 @@ def evaluate(problem: Problem, precision: int, stages: set[str]) -> dict[str, ob
 
 def use_vectorised(problem: Problem) -> bool:
     """Return whether the vectorised path applies: enough logits, and float or integer inputs of moderate range."""
-    if problem.heads * problem.n_q * problem.n_kv < VECTORISED_MIN_LOGITS:
-        return False
-    return all(IntegerMatrix.supports(array) for array in problem.inputs.values())
+    return enough_logits(problem) and integer_inputs(problem) is not None
+
+
+def enough_logits(problem: Problem) -> bool:
+    return problem.heads * problem.n_q * problem.n_kv >= VECTORISED_MIN_LOGITS
+
+
+def integer_inputs(problem: Problem) -> dict[str, "IntegerMatrix"] | None:
+    """Return the inputs as integer matrices, or None when one is too wide for the vectorised path."""
+    inputs = {}
+    converted: dict[int, IntegerMatrix] = {}
+    for name, array in problem.inputs.items():
+        # One array may serve as two inputs (keys and values of cross attention); convert it once.
+        matrix = converted.get(id(array))
+        if matrix is None:
+            matrix = converted[id(array)] = IntegerMatrix.from_array(array)
+        if matrix is None:
+            return None
+        inputs[name] = matrix
+    return inputs
 
 
 def evaluate_entrywise(problem: Problem, precision: int, stages: set[str]) -> dict[str, Intervals]:
@@ -118,27 +136,27 @@ class IntegerMatrix:
     exponent: int
     bits: int
 
-    @staticmethod
-    def supports(array: np.ndarray) -> bool:
-        if array.dtype.kind == "f":
-            mantissa, exponent = odd_mantissas_and_exponents(array)
-            nonzero = mantissa != 0
-            return not nonzero.any() or int(exponent[nonzero].max() - exponent[nonzero].min()) + 53 <= MAX_INPUT_BITS
-        if array.dtype.kind in "iu":
-            return array.size == 0 or float(np.max(np.abs(array.astype(np.float64)))) < 2.0**53
-        return False
-
     @classmethod
-    def from_array(cls, array: np.ndarray) -> "IntegerMatrix":
+    def from_array(cls, array: np.ndarray) -> "IntegerMatrix | None":
+        """Return the exact integer form of a float or integer array, or None when it is too wide."""
         if array.ndim == 1:
             array = array.reshape(1, -1)
         if array.dtype.kind in "iu":
             values = array.astype(np.float64)
+            if values.size and float(np.max(np.abs(values))) >= 2.0**53:
+                return None
             return cls(values, 0, _bits_of(values))
+        if array.dtype.kind != "f":
+            return None
         mantissa, exponent = odd_mantissas_and_exponents(array)
         nonzero = mantissa != 0
-        base = int(exponent[nonzero].min()) if nonzero.any() else 0
-        values = np.ldexp(mantissa.astype(np.float64), np.where(nonzero, exponent - base, 0))
+        if not nonzero.any():
+            return cls(np.zeros(array.shape), 0, 0)
+        base = int(exponent[nonzero].min())
+        if int(exponent[nonzero].max()) - base + 53 > MAX_INPUT_BITS:
+            return None
+        # Every value is a multiple of 2^base, so the scaling is exact.
+        values = np.ldexp(array.astype(np.float64), -base)
         return cls(values, base, _bits_of(values))
 
     def chunks(self) -> np.ndarray:
@@ -154,18 +172,6 @@ def _bits_of(values: np.ndarray) -> int:
     return math.frexp(largest)[1] if largest else 0
 
 
-def trim(limbs: np.ndarray, count: int) -> np.ndarray:
-    """Return normalised limbs cut to ``count`` limbs, folding the dropped top limbs into the new top one."""
-    if limbs.shape[0] <= count:
-        return limbs
-    extra = np.zeros(limbs.shape[1:])
-    for l in range(limbs.shape[0] - 1, count - 1, -1):
-        extra = extra * 2.0**LIMB_BITS + limbs[l]
-    result = limbs[:count].copy()
-    result[count - 1] += extra * 2.0**LIMB_BITS
-    return result
-
-
 def _bits_of_limbs(limbs: np.ndarray, exponent_shift: int = 0) -> int:
     largest = float(np.max(np.abs(approximate(limbs)))) if limbs.size else 0.0
     return math.frexp(largest * (1 + 2.0**-40))[1] + exponent_shift if largest else 0
@@ -174,8 +180,10 @@ def _bits_of_limbs(limbs: np.ndarray, exponent_shift: int = 0) -> int:
 class VectorisedPipeline:
     """The certified stages of one problem, computed with whole-array operations."""
 
-    def __init__(self, problem: Problem, precision: int, stages: set[str]) -> None:
+    def __init__(self, problem: Problem, precision: int, stages: set[str],
+                 inputs: dict[str, IntegerMatrix] | None = None) -> None:
         self.problem = problem
+        self.inputs = inputs if inputs is not None else integer_inputs(problem)
         self.stages = stages
         self.k = math.ceil(precision / LIMB_BITS)  # fraction limbs of logits and weights
         self.F = LIMB_BITS * self.k
@@ -186,7 +194,7 @@ class VectorisedPipeline:
 
     def run(self) -> dict[str, object]:
         problem = self.problem
-        inputs = {name: IntegerMatrix.from_array(array) for name, array in problem.inputs.items()}
+        inputs = self.inputs
 
         # Projections, exact: rows are tokens, so Q = X_q W_Q + b_Q.
         if problem.direct:
@@ -222,21 +230,25 @@ class VectorisedPipeline:
         if b is not None:
             bits = max(bits, b.bits + b.exponent - exponent) + 1
         primes = primes_for(bits, X.values.shape[1])
-        residues = _product_residues(primes.residues_of_floats(X.chunks(), LIMB_BITS), W, primes)
-        residues = primes.multiply(residues, primes.power_of_two_residues(product_exponent - exponent)[:, None, None])
+        # The power of two that aligns the exponents and the recombination factors ride on X's residues.
+        factors = primes.recombination_factors(product_exponent - exponent)
+        residues = _product_residues(primes.residues_of_floats(X.chunks(), LIMB_BITS, factors), W, primes)
         if b is not None:
-            bias = primes.residues_of_floats(b.chunks(), LIMB_BITS)  # (P, 1, d)
-            bias = primes.multiply(bias, primes.power_of_two_residues(b.exponent - exponent)[:, None, None])
-            residues = primes.reduce_array(residues + bias)
-        return trim(primes.to_limbs(residues), limb_count(bits)), exponent, bits
+            bias = primes.residues_of_floats(b.chunks(), LIMB_BITS, primes.recombination_factors(b.exponent - exponent))
+            residues = primes.reduce_array(residues + bias)  # bias (P, 1, d) broadcasts over rows
+        return primes.to_limbs(residues, limb_count(bits), recombining=True), exponent, bits
 
     def _product_of_limbs(self, left: np.ndarray, left_bits: int, right: np.ndarray, right_bits: int,
                           inner: int) -> tuple[np.ndarray, int]:
         """Return (limbs, bits) of the exact batched product left @ right of limb arrays (L, ..., m, inner) @ (L, ..., inner, n)."""
         bits = left_bits + right_bits + math.ceil(math.log2(max(inner, 2))) + 1
         primes = primes_for(bits, inner)
-        residues = primes.reduce_array(np.matmul(primes.residues_of_limbs(left), primes.residues_of_limbs(right)))
-        return trim(primes.to_limbs(residues), limb_count(bits)), bits
+        # The recombination factors ride on the smaller factor's residues.
+        factors = primes.recombination_factors()
+        left_factors, right_factors = (factors, None) if left[0].size <= right[0].size else (None, factors)
+        residues = primes.reduce_array(np.matmul(primes.residues_of_limbs(left, left_factors),
+                                                 primes.residues_of_limbs(right, right_factors)))
+        return primes.to_limbs(residues, limb_count(bits), recombining=True), bits
 
     def _keep_exact_projections(self, Q: tuple, K: tuple, V: tuple) -> None:
         problem = self.problem
@@ -434,13 +446,12 @@ class VectorisedPipeline:
         if b is not None:
             bits = max(bits, b.bits + b.exponent - out_exponent) + 1
         primes = primes_for(bits, W.values.shape[0])
-        residues = _product_residues(primes.residues_of_limbs(limbs), W, primes)
-        residues = primes.multiply(residues, primes.power_of_two_residues(product_exponent - out_exponent)[:, None, None])
+        factors = primes.recombination_factors(product_exponent - out_exponent)
+        residues = _product_residues(primes.residues_of_limbs(limbs, factors), W, primes)
         if b is not None:
-            bias = primes.multiply(primes.residues_of_floats(b.chunks(), LIMB_BITS),
-                                   primes.power_of_two_residues(b.exponent - out_exponent)[:, None, None])
+            bias = primes.residues_of_floats(b.chunks(), LIMB_BITS, primes.recombination_factors(b.exponent - out_exponent))
             residues = primes.reduce_array(residues + bias)
-        output = trim(primes.to_limbs(residues), limb_count(bits))
+        output = primes.to_limbs(residues, limb_count(bits), recombining=True)
 
         # Radius: |concat − mid| @ |W_O|, rounded up for the float64 sums (units 2^exponent).
         W_values = np.abs(np.ldexp(W.values, W.exponent))

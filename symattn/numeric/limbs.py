@@ -177,6 +177,15 @@ class PrimeSet:
         """Return 2^exponent mod p for each prime, as symmetric residues (exponent ≥ 0)."""
         return self.reduce_array(np.array([float(pow(2, exponent, p)) for p in self.primes]))
 
+    def recombination_factors(self, exponent: int = 0) -> np.ndarray:
+        """Return c_k = 2^exponent · (M/p_k)^-1 mod p_k per prime, as symmetric residues.
+
+        Residues r of x multiplied by these factors are the y_k = x · 2^exponent · (M/p_k)^-1
+        mod p_k that ``to_limbs(…, recombining=True)`` takes. Folding the factors into the
+        residues of one factor of a product costs nothing extra.
+        """
+        return self.multiply(self.power_of_two_residues(exponent), self.inverse_cofactors.copy())
+
     def reduce_array(self, values: np.ndarray) -> np.ndarray:
         """Reduce values of shape (P, ...) with |values| < 2^52 to symmetric residues, in place."""
         shape = (len(self.primes),) + (1,) * (values.ndim - 1)
@@ -186,46 +195,64 @@ class PrimeSet:
         np.subtract(values, quotient, out=values)
         return values
 
-    def residues_of_limbs(self, limbs: np.ndarray) -> np.ndarray:
-        """Return the symmetric residues (P, ...) of the integers given by limbs (L, ...)."""
+    def _weights(self, count: int, chunk_bits: int, factors: np.ndarray | None) -> np.ndarray:
+        """Return (P, count) residues of 2^(chunk_bits · c), times the per-prime ``factors`` when given."""
+        weights = np.stack([self.power_of_two_residues(chunk_bits * c) for c in range(count)], axis=1)
+        if factors is not None:
+            weights = self.multiply(weights, factors[:, None])
+        return weights
+
+    def residues_of_limbs(self, limbs: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
+        """Return the symmetric residues (P, ...) of the integers given by limbs (L, ...).
+
+        With ``factors`` (P,) the result is the residues of x · factors[k] mod p_k instead.
+        """
         count = limbs.shape[0]
-        weights = np.stack([self.power_of_two_residues(LIMB_BITS * l) for l in range(count)], axis=1)  # (P, L)
         # Each term is below 2^24 · 2^23, so a sum of up to 2^5 limbs stays below 2^52.
         if count > 32:
             raise CapacityError(f"{count} limbs exceed the exact residue sum; split the value first")
-        flat = limbs.reshape(count, -1)
-        residues = weights @ flat
+        residues = self._weights(count, LIMB_BITS, factors) @ limbs.reshape(count, -1)
         return self.reduce_array(residues).reshape((len(self.primes),) + limbs.shape[1:])
 
-    def residues_of_floats(self, chunks: np.ndarray, chunk_bits: int) -> np.ndarray:
+    def residues_of_floats(self, chunks: np.ndarray, chunk_bits: int, factors: np.ndarray | None = None) -> np.ndarray:
         """Return residues of integers given as float chunks x = Σ_c chunks[c] · 2^(chunk_bits · c).
 
         Chunks must be integers below 2^24 in magnitude; this is the same computation as for limbs
-        with another chunk width.
+        with another chunk width, ``factors`` included.
         """
         count = chunks.shape[0]
-        weights = np.stack([self.power_of_two_residues(chunk_bits * c) for c in range(count)], axis=1)
-        residues = weights @ chunks.reshape(count, -1)
+        residues = self._weights(count, chunk_bits, factors) @ chunks.reshape(count, -1)
         return self.reduce_array(residues).reshape((len(self.primes),) + chunks.shape[1:])
 
     def multiply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Return a · b mod p elementwise for symmetric residues (products stay below 2^46)."""
         return self.reduce_array(a * b)
 
-    def to_limbs(self, residues: np.ndarray) -> np.ndarray:
-        """Recombine symmetric residues (P, ...) of integers |x| < M/4 into normalised limbs."""
-        count = len(self.primes)
+    def to_limbs(self, residues: np.ndarray, count: int | None = None, recombining: bool = False) -> np.ndarray:
+        """Recombine symmetric residues (P, ...) of integers |x| < M/4 into normalised limbs.
+
+        With ``count`` the result has that many limbs, which must hold x: |x| < 2^(24·count − 1).
+        The sum then runs modulo 2^(24·count), and the top limb is wrapped into [−2^23, 2^23).
+        With ``recombining`` the residues are already the y_k of ``recombination_factors``.
+        """
+        P = len(self.primes)
         shape = residues.shape[1:]
-        flat = residues.reshape(count, -1)
-        y = flat * self.inverse_cofactors[:, None]
-        y = self.reduce_array(y)
-        y = np.where(y < 0, y + self.p[:, None], y)  # y_k in [0, p_k)
-        # t = round(Σ y_k / p_k): the sum is within 1/4 of an integer because |x| < M/4.
-        t = np.rint(np.sum(y * self.inverse_p[:, None], axis=0))
-        # Each product of a limb (< 2^24) and y_k (< 2^24) is below 2^48; P ≤ 31 keeps sums exact.
-        limbs = self.cofactor_limbs @ y  # (out_limbs, n)
-        limbs -= self.modulus_limbs[:, None] * t[None, :]
-        return normalize(limbs).reshape((self.out_limbs,) + shape)
+        y = residues.reshape(P, -1)
+        if not recombining:
+            y = self.reduce_array(y * self.inverse_cofactors[:, None])
+        # x = Σ_k y_k · (M/p_k) − t · M with symmetric y_k, and t = round(Σ y_k / p_k): the sum is
+        # within 1/4 of an integer because |x| < M/4, and |t| ≤ P/2 + 1.
+        t = np.rint(self.inverse_p @ y)
+        out = self.out_limbs if count is None else min(count, self.out_limbs)
+        # Each product of a limb (< 2^24) and |y_k| (≤ 2^23) is below 2^47; P ≤ 31 keeps sums exact.
+        limbs = self.cofactor_limbs[:out] @ y  # (out, n)
+        limbs -= self.modulus_limbs[:out, None] * t[None, :]
+        normalize(limbs)
+        if count is not None and count < self.out_limbs:
+            # The limbs hold x modulo 2^(24·count); x fits, so its top limb is the signed remainder.
+            top = limbs[count - 1]
+            top -= np.floor((top + 2.0 ** (LIMB_BITS - 1)) * INVERSE_LIMB) * LIMB
+        return limbs.reshape((limbs.shape[0],) + shape)
 
 
 @lru_cache(maxsize=None)
