@@ -463,7 +463,7 @@ class VectorisedPipeline:
 
 # Columns of a weight matrix per block: its residues for all primes then stay in the processor cache
 # between their computation and the BLAS product.
-WEIGHT_BLOCK = 64
+WEIGHT_BLOCK = 256
 
 
 def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarray:
@@ -502,16 +502,16 @@ def _pad(limbs: np.ndarray, count: int) -> np.ndarray:
 
 def _scaled_fixed(Z: np.ndarray, Z_bits: int, Z_exponent: int, scale_a: Fraction, scale_b: Fraction,
                   F: int) -> tuple[np.ndarray, int]:
-    """Return (limbs, error) of floor-like s · Z · 2^(Z_exponent + F) for s = a·√b, error in units.
+    """Return (limbs, error) of s · Z · 2^(Z_exponent + F) for s = a·√b, error in units.
 
-    The low limbs of Z that are worth less than 1/4 unit are dropped first, and s is taken as
-    floor(|s| · 2^G) with G large enough that its error costs at most one unit.
+    The low limbs of Z that are worth less than 1/4 unit are dropped first (a floor, also for
+    negative Z), and s is taken as floor(|s| · 2^G) with G large enough that its error costs at
+    most one unit. Z keeps its sign, which multiply_truncated allows with the same error bound.
     """
     scale_float = abs(float(scale_a)) * math.sqrt(float(scale_b))
     scale_bits = math.frexp(scale_float)[1]  # |s| < 2^scale_bits
     drop = max(0, math.floor((-2 - scale_bits - Z_exponent - F) / LIMB_BITS))
-    negative, magnitude = magnitudes(Z)
-    magnitude = magnitude[drop:]
+    kept = Z[drop:]
     kept_bits = max(Z_bits - LIMB_BITS * drop, 1)
     d = math.ceil((kept_bits + 2) / LIMB_BITS)
     G = LIMB_BITS * (drop + d) + Z_exponent + F
@@ -519,10 +519,10 @@ def _scaled_fixed(Z: np.ndarray, Z_bits: int, Z_exponent: int, scale_a: Fraction
     scaled = squared * (Fraction(4) ** G if G >= 0 else Fraction(1, 4 ** -G))
     S = math.isqrt(scaled.numerator // scaled.denominator)  # floor(|s| · 2^G)
     S_limbs = from_ints([S], limb_count(S.bit_length() + 1))
-    product = multiply_truncated(magnitude, S_limbs.reshape((S_limbs.shape[0],) + (1,) * (Z.ndim - 1)), d)
-    flip = negative if scale_a >= 0 else ~negative
-    result = normalize(_pad(np.where(flip[None], -product, product), product.shape[0] + 1))
-    return result, product_error(magnitude.shape[0], S_limbs.shape[0]) + 2
+    product = multiply_truncated(kept, S_limbs.reshape((S_limbs.shape[0],) + (1,) * (Z.ndim - 1)), d)
+    if scale_a < 0:
+        product = normalize(-product)
+    return product, product_error(kept.shape[0], S_limbs.shape[0]) + 2
 
 
 def _fixed_of_fractions(values: np.ndarray, F: int) -> np.ndarray:

@@ -27,7 +27,11 @@ def multiply_truncated(a: np.ndarray, b: np.ndarray, drop: int) -> np.ndarray:
 
     ``a`` (La, n) and ``b`` (Lb, n) or (Lb, 1) hold normalised nonnegative limbs. Partial products
     below limb position drop − 1 are skipped, so the result is below the exact a·b / 2^(24·drop)
-    by less than min(La, Lb) + 2 units (see PRODUCT_ERROR).
+    by less than min(La, Lb) + 2 units (see product_error).
+
+    ``a`` may also carry a sign in its top limb (|limb| < 2^24). The skipped partial products
+    then may be negative, but their size has the same bound, so the result lies within
+    min(La, Lb) + 2 units of the exact value on either side.
     """
     count_a, count_b = a.shape[0], b.shape[0]
     first = max(drop - 1, 0)

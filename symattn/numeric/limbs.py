@@ -99,14 +99,23 @@ def magnitudes(limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def approximate(limbs: np.ndarray, exponent: int = 0) -> np.ndarray:
     """Return float64 approximations of normalised limbs · 2^exponent (relative error below 2^-47).
 
-    The sum runs over the magnitude's limbs, because a negative top limb would cancel against
-    the nonnegative lower limbs. Every term is nonnegative, so the sum is accurate.
+    Horner's rule from the top limb: v ← v · 2^24 + limb. The steps are exact while |v| < 2^53,
+    which covers any cancellation between a negative top limb and the nonnegative limbs below
+    it. Once |v| ≥ 2^53 the next limb changes v by at most a 2^-29 fraction, so each later step
+    adds one rounding of relative size 2^-53, at most 32 of them.
     """
-    negative, magnitude = magnitudes(limbs)
-    value = np.zeros(limbs.shape[1:])
-    for l in range(limbs.shape[0] - 1, -1, -1):
-        value = value + np.ldexp(magnitude[l], LIMB_BITS * l + exponent)
-    return np.where(negative, -value, value)
+    count = limbs.shape[0]
+    if count > 40:  # v could overflow float64; sum the magnitude's limbs one by one instead
+        negative, magnitude = magnitudes(limbs)
+        value = np.zeros(limbs.shape[1:])
+        for l in range(count - 1, -1, -1):
+            value = value + np.ldexp(magnitude[l], LIMB_BITS * l + exponent)
+        return np.where(negative, -value, value)
+    value = limbs[count - 1].copy()
+    for l in range(count - 2, -1, -1):
+        value *= LIMB
+        value += limbs[l]
+    return np.ldexp(value, exponent) if exponent else value
 
 
 def magnitude_bits(limbs: np.ndarray) -> int:

@@ -1,0 +1,88 @@
+"""Exact limb arithmetic of the vectorised certified engine, checked against Python integers."""
+
+import random
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from symattn.numeric.fixedpoint import multiply_truncated, product_error
+from symattn.numeric.limbs import LIMB_BITS, approximate, from_ints, limb_count, normalize, primes_for, to_ints
+
+
+def random_integers(seed: int, count: int, largest_bits: int) -> list[int]:
+    rng = random.Random(seed)
+    values = [rng.choice((-1, 1)) * rng.getrandbits(rng.randint(0, largest_bits)) for _ in range(count)]
+    # Values next to limb boundaries, where a negative top limb cancels the limbs below it.
+    values += [0, 1, -1, -(1 << 48), (1 << 48) - 1, -(1 << (largest_bits - 1)) + 1, (1 << (largest_bits - 1)) - 1]
+    return values
+
+
+@pytest.mark.parametrize("recombining", [False, True])
+def test_to_limbs_matches_python_integers(recombining):
+    bits = 150
+    values = random_integers(1, 500, bits)
+    primes = primes_for(bits, 1)
+    limbs = normalize(from_ints(values, limb_count(bits)))
+    residues = primes.residues_of_limbs(limbs, primes.recombination_factors() if recombining else None)
+    count = limb_count(bits)
+    recombined = primes.to_limbs(residues, count, recombining=recombining)
+    assert recombined.shape[0] == count
+    assert to_ints(recombined) == values
+    assert np.all((recombined[:-1] >= 0) & (recombined[:-1] < 2**LIMB_BITS))
+
+
+def test_to_limbs_power_of_two_factor():
+    # recombination_factors(e) multiplies the recombined integer by 2^e.
+    values = random_integers(2, 200, 100)
+    primes = primes_for(140, 1)
+    residues = primes.residues_of_limbs(normalize(from_ints(values, limb_count(100))), primes.recombination_factors(37))
+    assert to_ints(primes.to_limbs(residues, limb_count(140), recombining=True)) == [v << 37 for v in values]
+
+
+def test_approximate_relative_error():
+    values = random_integers(3, 2000, 300)
+    approximations = approximate(normalize(from_ints(values, limb_count(300))), -120)
+    for value, approximation in zip(values, approximations.tolist()):
+        exact = Fraction(value, 1 << 120)
+        if value == 0:
+            assert approximation == 0
+        else:
+            assert abs(Fraction(approximation) - exact) <= abs(exact) * Fraction(1, 1 << 47)
+
+
+@pytest.mark.parametrize("drop", [0, 2, 4, 5])
+def test_multiply_truncated_signed_factor(drop):
+    # A signed top limb (as to_limbs returns) keeps the error within product_error on either side.
+    a_values = random_integers(4, 300, 90)
+    b_values = [random.Random(5 + k).getrandbits(70) for k in range(len(a_values))]
+    a = normalize(from_ints(a_values, limb_count(90)))
+    b = from_ints(b_values, limb_count(70))
+    product = to_ints(multiply_truncated(a, b, drop))
+    bound = product_error(a.shape[0], b.shape[0])
+    for x, y, result in zip(a_values, b_values, product):
+        exact = Fraction(x * y, 1 << (LIMB_BITS * drop))
+        assert abs(result - exact) < bound
+
+
+@pytest.mark.parametrize("scale", ["-1/2", "-3"])
+def test_vectorised_negative_scale_matches_entrywise(scale):
+    # Negative scales flip the sign of the signed fixed-point logits after the product.
+    from symattn import AttentionSpec
+    from symattn.numeric import certified
+    from symattn.numeric.reference import CertifiedMatrix
+    from symattn.problem import Problem
+
+    rng = np.random.default_rng(11)
+    problem = Problem.from_arrays(spec=AttentionSpec(heads=2, scale=scale), direct=True,
+                                  Q=rng.standard_normal((5, 8)), K=rng.standard_normal((6, 8)),
+                                  V=rng.standard_normal((6, 8)))
+    names = {"Z_scaled_0", "Z_scaled_1", "output"}
+    fast = certified.VectorisedPipeline(problem, 120, names).run()
+    plain = certified.evaluate_entrywise(problem, 120, names)
+    for name in sorted(names):
+        ours = CertifiedMatrix(name, fast[name].shape, fast[name], 120, 25,
+                               lambda bits, name=name: certified.VectorisedPipeline(problem, bits, {name}).run()[name])
+        theirs = CertifiedMatrix(name, plain[name].shape, plain[name], 120, 25)
+        assert np.array_equal(ours.rounded("float64"), theirs.rounded("float64")), name
+        assert ours.decimals() == theirs.decimals(), name
