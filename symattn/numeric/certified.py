@@ -461,21 +461,21 @@ class VectorisedPipeline:
                                        nan=out_nan.reshape(-1))
 
 
-# Columns of a weight matrix per block: its residues for all primes then stay in the processor cache
-# between their computation and the BLAS product.
-WEIGHT_BLOCK = 256
+# Rows of a weight matrix per block when its residues are computed: a block's chunks and
+# residues for all primes then stay in the processor cache between the steps.
+WEIGHT_ROWS = 32
 
 
 def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarray:
     """Return the residues (P, n, d_out) of left_int @ W_int from left's residues (P, n, d_in)."""
     rows, columns = W.values.shape
-    result = np.empty((len(primes), left.shape[1], columns))
-    for start in range(0, columns, WEIGHT_BLOCK):
-        stop = min(start + WEIGHT_BLOCK, columns)
-        block = IntegerMatrix(W.values[:, start:stop], W.exponent, W.bits)
-        right = primes.residues_of_floats(block.chunks(), LIMB_BITS)  # (P, d_in, block)
-        result[:, :, start:stop] = np.matmul(left, right)
-    return primes.reduce_array(result)
+    chunk_count = max(1, math.ceil((W.bits + 1) / LIMB_BITS))
+    right = np.empty((len(primes), rows, columns))
+    for start in range(0, rows, WEIGHT_ROWS):
+        stop = min(start + WEIGHT_ROWS, rows)
+        chunks = float_limbs(W.values[start:stop], chunk_count)
+        right[:, start:stop] = primes.residues_of_floats(chunks, LIMB_BITS)
+    return primes.reduce_array(np.matmul(left, right))
 
 
 def _exact(limbs: np.ndarray, exponent: int, factor: Fraction = Fraction(1), added: np.ndarray | None = None,
