@@ -60,7 +60,10 @@ RATIONAL = EntrySize(nodes=1, terms=1, rational=True)
 
 @dataclass(frozen=True)
 class SizeEstimate:
-    """The estimated expression size of a derivation, in total and by stage."""
+    """The estimated expression size of a derivation, in total and by stage.
+
+    ``stages`` also has the entry "rational arithmetic": the operations of the rational products.
+    """
 
     total: int
     stages: dict[str, int]
@@ -251,8 +254,8 @@ def check_expression_size(
         f"the exact stages would hold an estimated {estimate.total:,} expression nodes (largest "
         f"part: {largest}, about {estimate.stages[largest]:,}), above the limit "
         f"max_expression_size = {max_expression_size:,}, so building them could take hours. "
-        f"{_NUMERIC_HINT}. Otherwise derive a smaller case, or raise max_expression_size "
-        f"(None turns the check off)"
+        f"{_NUMERIC_HINT}. Otherwise derive a smaller case, or raise the max_expression_size "
+        f"keyword of derive or derive_direct (None turns the check off)"
     )
 
 

@@ -234,3 +234,11 @@ def test_edited_decimal_rejected():
     document["stages"]["output"]["decimal"][0][0] = "1.330238452"
     with pytest.raises(InvalidInputError, match=r"stages.output.decimal\[0\]\[0\] is '1.330238452'"):
         rederive(parse_derivation_json(json.dumps(document)))
+
+
+def test_equal_logits_get_equal_weights():
+    # Both keys give the logit w + 1/100. SymPy left e^z / (2 e^z) as exp(z)·exp(−z)/2, which
+    # is 1/2 but not structurally, so the row sum did not simplify to 1.
+    derivation = derive_direct([[1, 1]], [["w", "0.01"], ["w", "0.01"]], [[0], [3]], scale="none")
+    assert derivation["A_0"] == sp.Matrix([[sp.Rational(1, 2), sp.Rational(1, 2)]])
+    assert derivation.output == sp.Matrix([[sp.Rational(3, 2)]])
