@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import sympy as sp
@@ -94,6 +95,23 @@ def worked_example(derivation: Derivation, meta: object = None, digits: int = DE
     return _WorkedExample(derivation, meta, digits).document()
 
 
+def title_block(meta: Any, default_title: str) -> str:
+    """Typeset the document title and the description's paragraphs, escaped as plain text."""
+    title = getattr(meta, "title", None) or default_title
+    parts = [f"{{\\LARGE\\bfseries {escape_text(title, 'meta.title')}\\par}}\n"]
+    description = getattr(meta, "description", None)
+    if description:
+        for paragraph in re.split(r"\n\s*\n", description.strip()):
+            parts.append(escape_text(paragraph, "meta.description") + "\n")
+    return "\n".join(parts)
+
+
+def assemble_document(body: list[str]) -> str:
+    """Join the non-empty sections into a standalone document with the shared preamble."""
+    text = "\n".join(part for part in body if part)
+    return f"{PREAMBLE}\\begin{{document}}\n{text}\n\\end{{document}}\n"
+
+
 class _WorkedExample:
     """Builds the document one section at a time, in pipeline order."""
 
@@ -129,19 +147,12 @@ class _WorkedExample:
                 "An entry shown as $\\elided$ has an exact form too wide to print here. "
                 "The JSON file written with this document contains every exact form.\n"
             )
-        text = "\n".join(part for part in body if part)
-        return f"{PREAMBLE}\\begin{{document}}\n{text}\n\\end{{document}}\n"
+        return assemble_document(body)
 
     # Sections, in pipeline order.
 
     def title(self) -> str:
-        title = getattr(self.meta, "title", None) or DEFAULT_TITLE
-        parts = [f"{{\\LARGE\\bfseries {escape_text(title, 'meta.title')}\\par}}\n"]
-        description = getattr(self.meta, "description", None)
-        if description:
-            for paragraph in re.split(r"\n\s*\n", description.strip()):
-                parts.append(escape_text(paragraph, "meta.description") + "\n")
-        return "\n".join(parts)
+        return title_block(self.meta, DEFAULT_TITLE)
 
     def setting(self) -> str:
         d = self.d

@@ -25,12 +25,11 @@ from ..errors import InvalidInputError, UnsupportedError
 from ..gradients import backward, objective_seeds
 from ..numeric.balls import certified_decimals
 from ..numeric.decimals import DEFAULT_DIGITS, check_digits
-from .latex import DOCUMENT_DIGITS, PREAMBLE, display_matrix, exact_entries, is_wide
+from .latex import DOCUMENT_DIGITS, assemble_document, display_matrix, exact_entries, is_wide, title_block
 from .notation import (
     ENTRY_SYMBOLS,
     decimal_latex,
     entry_symbol,
-    escape_text,
     expression_latex,
     fit_to_width,
     matrix_latex,
@@ -107,18 +106,12 @@ class _GradientExample:
                 "symbolic factor is written as the entry it stands for. The JSON file written with "
                 "this document holds every exact form.\n"
             )
-        text = "\n".join(part for part in body if part)
-        return f"{PREAMBLE}\\begin{{document}}\n{text}\n\\end{{document}}\n"
+        return assemble_document(body)
 
     # Sections, from the output back to the input.
 
     def title(self) -> str:
-        title = getattr(self.meta, "title", None) or DEFAULT_TITLE
-        parts = [f"{{\\LARGE\\bfseries {escape_text(title, 'meta.title')}\\par}}\n"]
-        description = getattr(self.meta, "description", None)
-        if description:
-            parts.append(escape_text(description.strip(), "meta.description") + "\n")
-        return "\n".join(parts)
+        return title_block(self.meta, DEFAULT_TITLE)
 
     def setting(self) -> str:
         row, col = self.entry
