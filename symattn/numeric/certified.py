@@ -27,9 +27,9 @@ import numpy as np
 from ..errors import EvaluationError
 from ..exact_arrays import odd_mantissas_and_exponents
 from ..problem import Problem
-from .fixedpoint import exp_error, exp_negative, multiply_truncated, product_error
+from .fixedpoint import exp_error, exp_negative, in_threads, multiply_truncated, product_error
 from .limbs import (
-    LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, magnitudes, normalize, primes_for, to_ints,
+    LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, normalize, primes_for, to_ints,
 )
 from .reference import Intervals
 from .stage_values import BallValues, ExactValues, dyadic_ball_endpoints
@@ -225,10 +225,14 @@ class VectorisedPipeline:
         """Return (limbs, exponent, bits) of X W + b exactly."""
         product_exponent = X.exponent + W.exponent
         exponent = product_exponent if b is None else min(product_exponent, b.exponent)
-        bound = np.abs(np.ldexp(X.values, -X.bits)) @ np.abs(np.ldexp(W.values, -W.bits))
-        bits = math.frexp(float(bound.max()) * (1 + 2.0**-40))[1] + X.bits + W.bits + product_exponent - exponent
-        if b is not None:
-            bits = max(bits, b.bits + b.exponent - exponent) + 1
+        X_scaled, W_scaled = np.abs(np.ldexp(X.values, -X.bits)), np.abs(np.ldexp(W.values, -W.bits))
+        # |X W| ≤ (largest row sum of |X|) · max |W| and ≤ max |X| · (largest column sum of |W|).
+        # These cost no matrix product, but the product's bound can be a few bits tighter: it is
+        # computed only when those bits could save a prime.
+        cheap = min(float(X_scaled.sum(axis=1).max()), float(W_scaled.sum(axis=0).max()))
+        bits = self._product_bits(cheap, X, W, b, product_exponent, exponent)
+        if len(primes_for(bits, X.values.shape[1])) > len(primes_for(bits - 8, X.values.shape[1])):
+            bits = self._product_bits(float((X_scaled @ W_scaled).max()), X, W, b, product_exponent, exponent)
         primes = primes_for(bits, X.values.shape[1])
         # The power of two that aligns the exponents and the recombination factors ride on X's residues.
         factors = primes.recombination_factors(product_exponent - exponent)
@@ -237,6 +241,15 @@ class VectorisedPipeline:
             bias = primes.residues_of_floats(b.chunks(), LIMB_BITS, primes.recombination_factors(b.exponent - exponent))
             residues = primes.reduce_array(residues + bias)  # bias (P, 1, d) broadcasts over rows
         return primes.to_limbs(residues, limb_count(bits), recombining=True), exponent, bits
+
+    @staticmethod
+    def _product_bits(bound: float, X: IntegerMatrix, W: IntegerMatrix, b: IntegerMatrix | None,
+                      product_exponent: int, exponent: int) -> int:
+        """Return the bits of X W + b given a float64 bound on |X W| · 2^-(X.bits + W.bits)."""
+        bits = math.frexp(bound * (1 + 2.0**-40))[1] + X.bits + W.bits + product_exponent - exponent
+        if b is not None:
+            bits = max(bits, b.bits + b.exponent - exponent) + 1
+        return bits
 
     def _product_of_limbs(self, left: np.ndarray, left_bits: int, right: np.ndarray, right_bits: int,
                           inner: int) -> tuple[np.ndarray, int]:
@@ -311,10 +324,12 @@ class VectorisedPipeline:
         row_max = approximate_logits.max(axis=2)
         row_max = np.where(np.isfinite(row_max), row_max, 0.0)
         shift = np.ceil((row_max + np.abs(row_max) * 2.0**-40 + 2.0**-40) * 2.0**24)  # m_i · 2^24, exact
-        shift_fixed = from_ints([int(value) << (self.F - 24) for value in shift.reshape(-1).tolist()],
-                                limb_count(_bits_of(shift) + self.F)).reshape(-1, h, n_q, 1)
-        count = max(shift_fixed.shape[0], T.shape[0]) + 1
-        u = normalize(_pad(shift_fixed, count) - _pad(T, count))
+        # m_i · 2^F has the limbs of m_i · 2^24 shifted up by k − 1 places, because F − 24 = 24 · (k − 1).
+        shift_limbs = float_limbs(shift, limb_count(_bits_of(shift)))[..., None]
+        count = max(shift_limbs.shape[0] + self.k - 1, T.shape[0]) + 1
+        u = np.negative(_pad(T, count))
+        u[self.k - 1:self.k - 1 + shift_limbs.shape[0]] += shift_limbs
+        normalize(u)
         u = np.where(visible[None], u, 0.0)
         if np.any(u[-1] < 0):
             raise EvaluationError("internal error: a shifted logit came out negative; please report this case")
@@ -395,9 +410,8 @@ class VectorisedPipeline:
         O_exponent = V_exponent + V_bits - (self.F + 8)
         R, d, R_bits = self._reciprocals(V_exponent - O_exponent)
         drop = max(0, (LIMB_BITS * d - R_bits - 2) // LIMB_BITS)  # low EV limbs worth < 1/4 unit
-        negative, EV_magnitude = magnitudes(EV)
-        O = multiply_truncated(EV_magnitude[drop:], R, d - drop)
-        O = normalize(np.where(negative[None], -O, O))
+        # EV keeps its sign: multiply_truncated's error bound holds on either side for a signed top limb.
+        O = multiply_truncated(EV[drop:], R, d - drop)
 
         # Radius in units of 2^O_exponent: propagated exp errors, truncations and the reciprocal's floor.
         V_values = np.abs(approximate(V_heads, -V_bits)) * (1 + 2.0**-40)  # |V| · 2^-(V_exponent + V_bits)
@@ -408,7 +422,7 @@ class VectorisedPipeline:
         with np.errstate(divide="ignore", invalid="ignore"):
             propagated = (self.E_error * 2.0**-self.F * (V_sum + self.visible_count[..., None] * V_max)
                           / S_lower[..., None]) * 2.0**(V_bits + V_exponent - O_exponent)
-        reciprocal = np.abs(approximate(EV_magnitude)) * 2.0**(-LIMB_BITS * d)
+        reciprocal = np.abs(approximate(EV)) * 2.0**(-LIMB_BITS * d)
         radius = (propagated + product_error(EV.shape[0] - drop, R.shape[0]) + 1 + reciprocal) * (1 + 2.0**-20)
 
         masked_rows = problem.spec.masked_rows
@@ -471,10 +485,13 @@ def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarra
     rows, columns = W.values.shape
     chunk_count = max(1, math.ceil((W.bits + 1) / LIMB_BITS))
     right = np.empty((len(primes), rows, columns))
-    for start in range(0, rows, WEIGHT_ROWS):
+
+    def convert(start: int) -> None:
         stop = min(start + WEIGHT_ROWS, rows)
         chunks = float_limbs(W.values[start:stop], chunk_count)
         right[:, start:stop] = primes.residues_of_floats(chunks, LIMB_BITS)
+
+    in_threads(convert, range(0, rows, WEIGHT_ROWS))
     return primes.reduce_array(np.matmul(left, right))
 
 

@@ -16,6 +16,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -145,16 +146,22 @@ def exp_negative(u: np.ndarray, fraction_limbs: int) -> np.ndarray:
         stop = min(start + BLOCK, u.shape[1])
         result[:, start:stop] = _exp_negative_block(u[:, start:stop], fraction_limbs)
 
-    starts = range(0, u.shape[1], BLOCK)
+    in_threads(run, range(0, u.shape[1], BLOCK))
+    return result
+
+
+def in_threads(function: Callable[[int], None], starts: range) -> None:
+    """Call ``function(start)`` for every start, on up to MAX_WORKERS threads (one per processor core).
+
+    NumPy releases the GIL inside its array operations, so blocks on other threads run in parallel.
+    """
     workers = min(len(starts), os.cpu_count() or 1, MAX_WORKERS)
     if workers <= 1:
         for start in starts:
-            run(start)
-        return result
-    # NumPy releases the GIL inside its array operations, so blocks on other threads run in parallel.
+            function(start)
+        return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(run, starts))
-    return result
+        list(pool.map(function, starts))
 
 
 def _exp_negative_block(u: np.ndarray, k: int) -> np.ndarray:
