@@ -65,6 +65,18 @@ def test_multiply_truncated_signed_factor(drop):
         assert abs(result - exact) < bound
 
 
+@pytest.mark.parametrize("drop", [0, 1, 3])
+def test_multiply_truncated_unnormalized_same_value(drop):
+    a_values = [abs(v) for v in random_integers(6, 300, 100)]
+    b_values = [random.Random(7 + k).getrandbits(80) for k in range(len(a_values))]
+    a = from_ints(a_values, limb_count(100))
+    b = from_ints(b_values, limb_count(80))
+    normalized = to_ints(multiply_truncated(a, b, drop))
+    unnormalized = multiply_truncated(a, b, drop, normalized=False)
+    assert np.all(np.abs(unnormalized) < 2.0**53)
+    assert to_ints(unnormalized) == normalized
+
+
 @pytest.mark.parametrize("scale", ["-1/2", "-3"])
 def test_vectorised_negative_scale_matches_entrywise(scale):
     # Negative scales flip the sign of the signed fixed-point logits after the product.

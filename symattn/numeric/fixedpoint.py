@@ -23,7 +23,7 @@ import numpy as np
 from .limbs import LIMB, LIMB_BITS, from_ints, normalize
 
 
-def multiply_truncated(a: np.ndarray, b: np.ndarray, drop: int) -> np.ndarray:
+def multiply_truncated(a: np.ndarray, b: np.ndarray, drop: int, normalized: bool = True) -> np.ndarray:
     """Return the nonnegative product a · b with its ``drop`` lowest limbs removed.
 
     ``a`` (La, n) and ``b`` (Lb, n) or (Lb, 1) hold normalised nonnegative limbs. Partial products
@@ -33,6 +33,9 @@ def multiply_truncated(a: np.ndarray, b: np.ndarray, drop: int) -> np.ndarray:
     ``a`` may also carry a sign in its top limb (|limb| < 2^24). The skipped partial products
     then may be negative, but their size has the same bound, so the result lies within
     min(La, Lb) + 2 units of the exact value on either side.
+
+    With ``normalized=False`` the result has the same value, but only the carry out of the
+    dropped limb is propagated: its limbs are then integers below 2^53 instead of normalised.
     """
     count_a, count_b = a.shape[0], b.shape[0]
     first = max(drop - 1, 0)
@@ -48,7 +51,11 @@ def multiply_truncated(a: np.ndarray, b: np.ndarray, drop: int) -> np.ndarray:
         np.multiply(a[i], b[j_start:], out=scratch[:rows])
         target = out[i + j_start - first:i + count_b - first]
         np.add(target, scratch[:rows], out=target)
-    normalize(out)
+    if normalized:
+        normalize(out)
+    elif drop > first:
+        # Dropping limb 0 after carrying floor(limb 0 / 2^24) up gives the same value as normalising first.
+        out[1] += np.floor(out[0] * (1.0 / LIMB))
     return out[drop - first:]
 
 
@@ -188,15 +195,17 @@ def _exp_negative_block(u: np.ndarray, k: int) -> np.ndarray:
         kept = k - step  # fraction limbs of p_step
         r_kept = r[k - kept:]  # r at 2^(−24·kept) resolution; its top limb (2^-24) is 0
         if r_kept.shape[0] and p.any():
-            product = _pad(multiply_truncated(r_kept, p, kept - 1), kept + 1)
+            product = multiply_truncated(r_kept, p, kept - 1, normalized=False)
         else:
             product = np.zeros((kept + 1, n))
         coefficient = coefficients[k - kept:, step:step + 1]  # floor(1/step! · 2^(24·kept))
-        p = normalize(_pad(coefficient, kept + 1) - product)
+        # The product is below 2^-24, so the limbs above kept + 1 are zero once normalised.
+        width = max(kept + 1, product.shape[0])
+        p = normalize(_pad(coefficient, width) - _pad(product, width))[:kept + 1]
 
     # Multiply the table factors, all at most 1, into the result.
-    result = multiply_truncated(p, tables["low"][:, low_index], k)[: k + 1]
-    result = multiply_truncated(result, tables["high"][:, high_index], k)[: k + 1]
+    result = multiply_truncated(p, np.take(tables["low"], low_index, axis=1), k)[: k + 1]
+    result = multiply_truncated(result, np.take(tables["high"], high_index, axis=1), k)[: k + 1]
     result[:, too_small] = 0.0
     return result
 
