@@ -41,6 +41,29 @@ def odd_mantissas_and_exponents(array: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return mantissa >> trailing_zeros, exponent + trailing_zeros
 
 
+def lowest_bit_exponent(array: np.ndarray) -> int | None:
+    """Return the largest e such that every entry of a finite float array is a multiple of 2**e (None if all are 0).
+
+    This is the smallest exponent of an entry's lowest set bit. It reads the float64 bit fields
+    directly: a normal number is (2**52 + fraction) · 2**(biased − 1075), a subnormal one is
+    fraction · 2**-1074. The lowest set bit of each entry is then a float64 power of two.
+    """
+    every_bit = np.ascontiguousarray(array, dtype=np.float64).reshape(-1).view(np.int64)
+    smallest = math.inf
+    # Blocks keep the temporary arrays small, so they are reused instead of newly mapped each time.
+    for start in range(0, every_bit.size, 1 << 15):
+        bits = every_bit[start:start + (1 << 15)]
+        biased = (bits >> 52) & 0x7FF
+        significand = bits & ((1 << 52) - 1)
+        significand |= (biased > 0).astype(np.int64) << 52
+        lowest = (significand & -significand).astype(np.float64)  # a power of two below 2**53, exact
+        values = np.ldexp(lowest, (np.maximum(biased, 1) - 1075).astype(np.int32))  # at least 2**-1074, exact
+        smallest = min(smallest, float(np.min(np.where(lowest > 0, values, np.inf))))
+    if smallest == math.inf:
+        return None
+    return math.frexp(smallest)[1] - 1
+
+
 def float_array_to_rationals(array: np.ndarray) -> list[list[sp.Rational]]:
     """Convert a finite 2-D float array to nested lists of exact SymPy rationals."""
     mantissa, exponent = mantissas_and_exponents(array)

@@ -6,6 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from symattn.exact_arrays import lowest_bit_exponent, odd_mantissas_and_exponents
 from symattn.numeric.fixedpoint import multiply_truncated, product_error
 from symattn.numeric.limbs import LIMB_BITS, approximate, from_ints, limb_count, normalize, primes_for, to_ints
 
@@ -98,3 +99,22 @@ def test_vectorised_negative_scale_matches_entrywise(scale):
         theirs = CertifiedMatrix(name, plain[name].shape, plain[name], 120, 25)
         assert np.array_equal(ours.rounded("float64"), theirs.rounded("float64")), name
         assert ours.decimals() == theirs.decimals(), name
+
+
+@pytest.mark.parametrize("array", [
+    np.random.default_rng(12).standard_normal((300, 200)),  # more entries than one block
+    np.array([[1.0, 2.0, 3.0]]),
+    np.array([[0.5, 0.0, -4.0]]),
+    np.array([[5e-324, 1.0]]),  # the smallest subnormal
+    np.array([[3e-310, -7e-320]]),
+    np.array([[-3.0, 1e300, 2.0**-1022]]),
+    np.array([[0.375, -1.5]], dtype=np.float32),
+    np.array([[6.0, -12.0]], dtype=np.float16),
+])
+def test_lowest_bit_exponent_matches_odd_mantissas(array):
+    mantissa, exponent = odd_mantissas_and_exponents(array)
+    assert lowest_bit_exponent(array) == int(exponent[mantissa != 0].min())
+
+
+def test_lowest_bit_exponent_all_zero():
+    assert lowest_bit_exponent(np.array([[0.0, -0.0]])) is None

@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..errors import EvaluationError
-from ..exact_arrays import odd_mantissas_and_exponents
+from ..exact_arrays import lowest_bit_exponent
 from ..problem import Problem
 from .fixedpoint import exp_error, exp_negative, in_threads, multiply_truncated, product_error
 from .limbs import (
@@ -148,16 +148,16 @@ class IntegerMatrix:
             return cls(values, 0, _bits_of(values))
         if array.dtype.kind != "f":
             return None
-        mantissa, exponent = odd_mantissas_and_exponents(array)
-        nonzero = mantissa != 0
-        if not nonzero.any():
+        base = lowest_bit_exponent(array)
+        if base is None:
             return cls(np.zeros(array.shape), 0, 0)
-        base = int(exponent[nonzero].min())
-        if int(exponent[nonzero].max()) - base + 53 > MAX_INPUT_BITS:
+        array = array.astype(np.float64, copy=False)
+        largest = max(float(array.max()), -float(array.min()))
+        if math.frexp(largest)[1] - base > MAX_INPUT_BITS:
             return None
         # Every value is a multiple of 2^base, so the scaling is exact.
-        values = np.ldexp(array.astype(np.float64), -base)
-        return cls(values, base, _bits_of(values))
+        values = np.ldexp(array, -base)
+        return cls(values, base, math.frexp(largest)[1] - base)
 
     def chunks(self) -> np.ndarray:
         """Return 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape): normalised limbs."""
