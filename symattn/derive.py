@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import sympy as sp
 
-from .errors import InvalidInputError, MaskError, ShapeError
+from .errors import InvalidInputError, MaskError, ShapeError, count_noun
 from .limits import DEFAULT_MAX_EXPRESSION_SIZE, check_expression_size
 from .spec import AttentionSpec, normalise_masks
 from .values import to_matrix, to_row_vector
@@ -276,8 +276,9 @@ def _project(source: sp.ImmutableMatrix, weight: sp.ImmutableMatrix, bias: Any,
              source_name: str, weight_name: str) -> sp.ImmutableMatrix:
     if source.shape[1] != weight.shape[0]:
         raise ShapeError(
-            f"{source_name} has shape {source.shape} but {weight_name} has shape {weight.shape}; "
-            f"{weight_name} needs {source.shape[1]} rows, one per feature of {source_name}"
+            f"{source_name} has {count_noun(source.shape[1], 'feature')} (shape {source.shape}) but "
+            f"{weight_name} has {count_noun(weight.shape[0], 'row')} (shape {weight.shape}); {weight_name} needs one row per "
+            f"feature of {source_name}"
         )
     projected = source * weight
     if bias is not None:

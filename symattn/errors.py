@@ -41,3 +41,8 @@ class OutputError(SymattnError):
 
 class SymattnWarning(UserWarning):
     """A request that is valid but probably not what the caller meant."""
+
+
+def count_noun(count: int, noun: str) -> str:
+    """Return '1 row' or '3 rows' for messages."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -24,7 +24,7 @@ import numpy as np
 import sympy as sp
 
 from .derive import INPUT_NAMES, Derivation, _check_masked_rows, derive, derive_direct
-from .errors import InvalidInputError, ShapeError, UnsupportedError
+from .errors import InvalidInputError, ShapeError, UnsupportedError, count_noun
 from .spec import AttentionSpec
 
 PROJECTION_REQUIRED: tuple[str, ...] = ("query_source", "key_source", "value_source", "W_Q", "W_K", "W_V")
@@ -218,8 +218,9 @@ class Problem:
             for source, weight, bias in (("query_source", "W_Q", "b_Q"), ("key_source", "W_K", "b_K"),
                                          ("value_source", "W_V", "b_V")):
                 X, W = inputs[source], inputs[weight]
-                _require(X.shape[1] == W.shape[0], f"{source} has shape {X.shape} but {weight} has shape "
-                         f"{W.shape}; {weight} needs {X.shape[1]} rows, one per feature of {source}")
+                _require(X.shape[1] == W.shape[0], f"{source} has {count_noun(X.shape[1], 'feature')} (shape {X.shape}) "
+                         f"but {weight} has {count_noun(W.shape[0], 'row')} (shape {W.shape}); {weight} needs one row per "
+                         f"feature of {source}")
                 if bias in inputs:
                     _require(inputs[bias].shape == (W.shape[1],), f"{bias} has shape {inputs[bias].shape} "
                              f"but {weight} has shape {W.shape}; {bias} needs {W.shape[1]} entries")

@@ -144,7 +144,7 @@ def test_value_width_mismatch_names_both_widths(tmp_path):
     inputs = cross_inputs()
     inputs["value_source"] = np.array([[2.0, 0.0], [4.0, 0.0]])  # width 2, but W_V takes 1 feature
     write_npz(path, {}, **inputs)
-    with pytest.raises(ShapeError, match=r"value_source has shape \(2, 2\) but W_V has shape \(1, 2\)"):
+    with pytest.raises(ShapeError, match=r"value_source has 2 features \(shape \(2, 2\)\) but W_V has 1 row \(shape \(1, 2\)\)"):
         load_case(path)
 
 

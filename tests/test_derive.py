@@ -176,7 +176,7 @@ def test_exact_scale_number():
 
 
 def test_shape_mismatch_names_both_shapes():
-    with pytest.raises(ShapeError, match=r"query_source has shape \(3, 3\) but W_Q has shape \(2, 4\)"):
+    with pytest.raises(ShapeError, match=r"query_source has 3 features \(shape \(3, 3\)\) but W_Q has 2 rows \(shape \(2, 4\)\)"):
         derive(X_Q, X_KV, W_Q=[[1, 0, 0, 1], [0, 1, 1, 0]], W_K=W_K, W_V=W_V, heads=2)
 
 

@@ -167,7 +167,7 @@ def test_example_file_matches_builtin_example():
         ('[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], ["x!"]]\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n', InvalidInputError, "case.toml: weights.W_Q[1][0] 'x!' is neither a number nor a name"),
         ("[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], [nan]]\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n", InvalidInputError, "case.toml: weights.W_Q[1][0] is NaN, which has no exact value"),
         ("[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], [true]]\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n", InvalidInputError, "case.toml: weights.W_Q[1][0] is the boolean True"),
-        ("[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], [0], [0]]\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n", ShapeError, "case.toml: query_source has shape (1, 2) but W_Q has shape (3, 1)"),
+        ("[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], [0], [0]]\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n", ShapeError, "case.toml: query_source has 2 features (shape (1, 2)) but W_Q has 3 rows (shape (3, 1))"),
         ('[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = {symbol = "w", shape = [2, 1], kind = "x"}\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n', InvalidInputError, "case.toml: weights.W_Q.kind is not a valid key; valid keys in weights.W_Q are symbol, shape"),
         ('[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = {symbol = "w", shape = [2000, 1000]}\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n', InvalidInputError, "case.toml: weights.W_Q asks for a 2000 × 1000 matrix of symbols"),
         ('[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = {symbol = "w"}\nW_K = [[1], [0]]\nW_V = [[1], [0]]\n', InvalidInputError, "case.toml: weights.W_Q is {'symbol': 'w'}; a symbol table needs symbol and shape"),

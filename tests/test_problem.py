@@ -85,7 +85,7 @@ def test_problem_shape_error_names_both_shapes():
     rng = np.random.default_rng(1)
     inputs = projection_inputs(rng)
     inputs["W_K"] = rng.standard_normal((5, 4))
-    with pytest.raises(ShapeError, match=r"key_source has shape \(3, 3\) but W_K has shape \(5, 4\)"):
+    with pytest.raises(ShapeError, match=r"key_source has 3 features \(shape \(3, 3\)\) but W_K has 5 rows \(shape \(5, 4\)\)"):
         Problem.from_arrays(spec=AttentionSpec(), **inputs)
 
 

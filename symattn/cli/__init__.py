@@ -13,9 +13,10 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 from typing import Any
 
-from ..errors import InvalidInputError, SymattnError
+from ..errors import InvalidInputError, SymattnError, SymattnWarning
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -62,12 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Print a warning as one line, without the source location that Python's default adds."""
+    if not issubclass(category, SymattnWarning):
+        _default_showwarning(message, category, filename, lineno, file, line)
+        return
+    print(f"symattn: warning: {message}", file=sys.stderr)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except KeyboardInterrupt:
         print("symattn: interrupted; outputs written before now are intact", file=sys.stderr)
         return 130
