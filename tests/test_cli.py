@@ -152,3 +152,29 @@ def test_debug_shows_traceback(tmp_path):
     result = run_symattn("--debug", "derive", str(bad), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "Traceback" in result.stderr
+
+
+def test_failed_build_removes_created_folder(tmp_path, monkeypatch, capsys):
+    import symattn.cli.derive as derive_command
+    from symattn.cli import main
+    from symattn.errors import OutputError
+
+    def failing_compile(*args, **kwargs):
+        raise OutputError("pdflatex failed: ! Undefined control sequence.")
+
+    monkeypatch.setattr(derive_command, "compile_pdf", failing_compile)
+    monkeypatch.setattr(derive_command, "pdflatex_path", lambda: "/usr/bin/pdflatex")
+    out = tmp_path / "new-folder"
+    assert main(["example", "--out", str(out)]) == 3
+    assert not out.exists()
+    assert "Undefined control sequence" in capsys.readouterr().err
+
+
+def test_out_pointing_at_file_rejected(tmp_path, capsys):
+    from symattn.cli import main
+
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert main(["example", "--out", str(target), "--no-pdf"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"

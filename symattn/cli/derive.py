@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..derive import Derivation
+from ..errors import InvalidInputError
 from ..export.files import write_files
 from ..export.latex import compile_pdf, pdflatex_path, worked_example
 from ..export.numbers import derivation_to_json
@@ -71,6 +72,21 @@ def write_outputs(
     Every output is produced in memory first and the group is checked for conflicts before
     any file is written, so a failure leaves the folder as it was.
     """
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidInputError(f"--out {str(args.out)!r} is a file, not a folder; give a folder to write the outputs to")
+    created_folder = not args.out.exists()
+    try:
+        return _write_outputs(derivation, meta, name, args, started)
+    except BaseException:
+        # A failed run leaves no trace, not even the empty folder it created.
+        if created_folder and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
+
+
+def _write_outputs(
+    derivation: Derivation, meta: DerivationMeta, name: str, args: argparse.Namespace, started: float
+) -> int:
     tex = worked_example(derivation, meta, args.digits)
     files: dict[Path, bytes | str] = {args.out / f"{name}.tex": tex}
     build_hint = None
