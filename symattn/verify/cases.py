@@ -75,6 +75,12 @@ def load_case(path: Path | str) -> Case:
 
 def _read_npz(path: Path) -> tuple[dict, dict[str, Any]]:
     data = read_limited(path, "case file")
+    if not data.startswith(b"PK"):
+        # np.load would take any other bytes for a pickle and blame allow_pickle.
+        raise InvalidInputError(
+            f"case file {str(path)!r} is not an .npz archive: it does not start with the zip "
+            f"signature; write it with numpy.savez, or give a .toml case file"
+        )
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             _check_member_sizes(archive, path)
