@@ -16,6 +16,7 @@ import traceback
 import warnings
 from typing import Any
 
+from .. import __version__
 from ..errors import InvalidInputError, SymattnError, SymattnWarning
 
 EXIT_OK = 0
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Derive multi-head (cross) attention exactly, stage by stage.",
     )
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"symattn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMAND_MODULES:
