@@ -24,6 +24,7 @@ from symattn.export.latex import (
 from symattn.export.notation import (
     decimal_latex,
     escape_text,
+    expression_latex,
     matrix_latex,
     stage_symbol,
     symbol_latex,
@@ -91,11 +92,60 @@ def test_document_exact_values_of_example(example_tex):
     assert "Z_{1} = \\begin{bmatrix}\n2 & 0 \\\\\n2 & 4 \\\\\n3 & 2\n\\end{bmatrix}" in example_tex
 
 
-def test_document_expands_one_softmax_row(example_tex):
-    # Row 1 of head 0 has equal scores 4 and 4, scaled to 2 sqrt(2): each weight is exactly 1/2.
-    assert "Row 1 of head 0, entry by entry:" in example_tex
-    expected = r"a^{(0)}_{1,1} = \frac{e^{2 \sqrt{2}}}{e^{2 \sqrt{2}} + e^{2 \sqrt{2}}} = \frac{1}{2} \approx 0.5"
-    assert expected in example_tex
+def exact_matrix(tex: str, symbol: str) -> str:
+    """Return the body of the exact bmatrix ``symbol = ...`` in a document."""
+    match = re.search(re.escape(symbol) + r" = \\begin\{bmatrix\}\n(.*?)\\end\{bmatrix\}", tex, re.DOTALL)
+    assert match, f"no exact matrix {symbol} in the document"
+    return match.group(1)
+
+
+def test_expanded_row_has_unequal_logits(example_tex):
+    # Row 1 of head 0 has equal scores 4 and 4, so the document expands row 2 instead: scores 7
+    # and 2, scaled by 1/sqrt(2) to 7 sqrt(2)/2 and sqrt(2).
+    assert "Row 2 of head 0 written out entry by entry (its logits differ" in example_tex
+    with mpmath.workdps(30):
+        first = mpmath.e ** (7 * mpmath.sqrt(2) / 2)
+        second = mpmath.e ** mpmath.sqrt(2)
+        weights = [mpmath.nstr(value / (first + second), 6, strip_zeros=False) for value in (first, second)]
+    assert weights == ["0.971682", "0.0283179"]
+    denominator = r"e^{7 \sqrt{2} / 2} + e^{\sqrt{2}}"
+    assert rf"a^{{(0)}}_{{2,1}} = \frac{{e^{{7 \sqrt{{2}} / 2}}}}{{{denominator}}} \approx {weights[0]}" in example_tex
+    assert rf"a^{{(0)}}_{{2,2}} = \frac{{e^{{\sqrt{{2}}}}}}{{{denominator}}} \approx {weights[1]}" in example_tex
+    assert "a^{(0)}_{1,1} =" not in example_tex
+
+
+def test_expanded_row_fallback_equal_logits():
+    # Every score is 0, so no row has logits that differ and row 1 of head 0 is expanded.
+    derivation = derive_direct([[0, 0], [0, 0]], [[0, 0], [0, 0]], [[1, 2], [3, 4]], scale="none")
+    tex = worked_example(derivation)
+    assert "Row 1 of head 0 written out entry by entry (no row has visible logits that differ)" in tex
+    assert r"a_{1,1} = \frac{e^{0}}{e^{0} + e^{0}} = \frac{1}{2} \approx 0.5" in tex
+
+
+def test_expanded_row_in_later_head():
+    # Head 0 has the scores [1, 1] and [0, 0]; head 1 has [0, 1] in row 1, so its weights are
+    # 1/(1 + e) = 0.268941 and e/(1 + e) = 0.731059.
+    derivation = derive_direct([[1, 1], [0, 0]], [[1, 0], [1, 1]], [[1, 2], [3, 4]], heads=2, scale="none")
+    tex = worked_example(derivation)
+    assert "Row 1 of head 1 written out entry by entry (its logits differ" in tex
+    assert r"a^{(1)}_{1,1} = \frac{e^{0}}{e^{0} + e^{1}} \approx 0.268941" in tex
+    assert r"a^{(1)}_{1,2} = \frac{e^{1}}{e^{0} + e^{1}} \approx 0.731059" in tex
+
+
+def test_example_weights_printed_exactly(example_tex):
+    # A_0 row 2 is e^{7 sqrt(2)/2} / (e^{sqrt(2)} + e^{7 sqrt(2)/2}) and its complement; the
+    # fractions in the exponents are written on one line, so no entry of A_0 is elided.
+    weights = exact_matrix(example_tex, "A_{0}")
+    assert r"\elided" not in weights
+    assert r"\frac{e^{7 \sqrt{2} / 2}}{e^{\sqrt{2}} + e^{7 \sqrt{2} / 2}}" in weights
+    assert r"\frac{e^{\sqrt{2}}}{e^{\sqrt{2}} + e^{7 \sqrt{2} / 2}}" in weights
+    assert r"\frac{e^{3 \sqrt{2} / 2}}{e^{\sqrt{2}} + e^{3 \sqrt{2} / 2}}" in weights
+    assert r"\frac{1}{2}" in weights
+
+
+@pytest.mark.parametrize("symbol", ["A_{1}", "O_{0}", "O_{1}", "C"])
+def test_example_stage_has_no_elided_entry(example_tex, symbol):
+    assert r"\elided" not in exact_matrix(example_tex, symbol)
 
 
 def test_document_decimals_are_correctly_rounded(example_tex):
@@ -124,11 +174,23 @@ def test_document_is_deterministic():
 
 
 def test_long_exact_entries_are_elided_with_decimals(example_tex):
-    assert r"\elided" in example_tex
     assert "\\section*{Elided entries}" in example_tex
-    # Every entry of O_0 except the first row is long; its decimals follow on the same line.
-    assert re.search(r"O_\{0\} = \\begin\{bmatrix\}\n\\displaystyle \\frac\{3\}\{2\} & 1", example_tex)
-    assert "\\elided & \\elided" in example_tex
+    # Entry (2, 1) of the output is a sum of three fractions, too wide to print; its decimal
+    # 1.41946 is shown below the exact matrix.
+    output = exact_matrix(example_tex, "Y")
+    rows = re.split(r" \\\\(?: \\noalign\{\\vskip [^}]*\})?\n", output)
+    assert len(rows) == 3
+    assert rows[1].startswith("\\elided &")
+    assert output.count("\\elided") == 1
+    assert re.search(r"Y \\approx \\begin\{bmatrix\}\n3\.10886 & 1 & 3\.39114 & 1\.60886 \\\\\n1\.41946 & ", example_tex)
+
+
+def test_mostly_elided_matrix_shows_only_decimals():
+    derivation, meta = load_case("pytorch-compatible")
+    tex = worked_example(derivation, meta)
+    assert "Most of the exact entries of $O_{0}$ are too wide to print" in tex
+    assert "O_{0} = \\begin{bmatrix}" not in tex
+    assert "O_{0} \\approx \\begin{bmatrix}\n1.28611 & 0.184126" in tex
 
 
 def test_mask_section_for_causal_case():
@@ -222,11 +284,31 @@ def test_matrix_latex_small_matrix_unchanged():
         ("3", False),
         (r"\frac{e^{\sqrt{2}}}{1 + e^{\sqrt{2}}}", False),
         (r"\frac{e^{\frac{3 \sqrt{2}}{2}}}{e^{\sqrt{2}} + e^{\frac{3 \sqrt{2}}{2}}}", True),
+        (r"\frac{e^{3 \sqrt{2} / 2}}{e^{\sqrt{2}} + e^{3 \sqrt{2} / 2}}", False),
         ("x_{1,1} w_{1,1} + x_{1,2} w_{2,1} + x_{1,3} w_{3,1} + x_{1,4} w_{4,1} + x_{1,5} w_{5,1}", True),
     ],
 )
 def test_is_wide_cases(latex, wide):
     assert is_wide(latex) is wide
+
+
+W = sp.Symbol("w", real=True)
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        (sp.exp(-sp.sqrt(2) / 16), r"e^{- \sqrt{2} / 16}"),
+        (sp.exp(7 * sp.sqrt(2) / 2) / (1 + sp.exp(sp.sqrt(2))), r"\frac{e^{7 \sqrt{2} / 2}}{1 + e^{\sqrt{2}}}"),
+        (sp.exp(sp.sqrt(2) * (W + 2) / 2), r"e^{\sqrt{2} \left(w + 2\right) / 2}"),
+        (2 ** (W / 3), r"2^{w / 3}"),
+        # Fractions outside exponents stay stacked, and so does a long fraction in an exponent.
+        (sp.sqrt(2) / 2, r"\frac{\sqrt{2}}{2}"),
+        (sp.exp(W / (W + 1)), r"e^{\frac{w}{w + 1}}"),
+    ],
+)
+def test_expression_latex_exponent_fractions(expr, expected):
+    assert expression_latex(expr, {W: "w"}) == expected
 
 
 def test_display_matrix_symbolic_without_structure_elides():

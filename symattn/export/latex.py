@@ -10,10 +10,12 @@ How a matrix is shown:
 
 - Each matrix is typeset exactly in a bmatrix, abbreviated when it has many rows or columns
   (``notation.matrix_latex``), and every display shrinks to the line width when it is wider.
-- An exact entry wider than LONG_ENTRY_WIDTH is shown as ``\\elided``. A numeric matrix with
-  elided or irrational entries is also shown to DOCUMENT_DIGITS correctly rounded significant
-  digits. A symbolic matrix with elided entries is shown instead in terms of the entries of the
-  stage before it, where it has one.
+- An exact entry wider than LONG_ENTRY_WIDTH, judged as typeset with the short fractions of
+  its exponents on one line, is shown as ``\\elided``. A numeric matrix with elided or
+  irrational entries is also shown to DOCUMENT_DIGITS correctly rounded significant digits,
+  and only so when more than MAX_ELIDED_SHARE of its entries are elided. A symbolic matrix
+  with elided entries is shown instead in terms of the entries of the stage before it, where
+  it has one.
 - The JSON file written next to the document contains every exact form and the decimals to the
   requested precision; the document states that precision.
 
@@ -62,6 +64,9 @@ DOCUMENT_DIGITS = 6
 LONG_ENTRY_WIDTH = 24.0
 SHARED_LINE_WIDTH = 60.0
 SIDE_BY_SIDE_WIDTH = 70.0
+# A numeric matrix with more than this share of its exact entries elided shows only decimals,
+# since a matrix of mostly \elided is of little use.
+MAX_ELIDED_SHARE = 0.5
 FRACTION_ROW_GAP = "1.5ex"
 MAX_PLAIN_DENOMINATOR = 1000
 DEFAULT_TITLE = "Worked example: multi-head attention"
@@ -386,16 +391,29 @@ class _WorkedExample:
         return text
 
     def _expanded_row(self) -> str:
-        """Write out one row of weights entry by entry: the first row with the most visible keys."""
+        """Write out one row of weights entry by entry.
+
+        Rows are preferred in this order: visible logits that are not all equal, because equal
+        logits only give equal weights, then more visible keys, then the lowest head and row.
+        """
         d = self.d
         candidates = [(h, i) for h in range(d.heads) for i in range(d.n_q) if any(self.visible[h][i])]
         if not candidates:
             return ""
-        head, row = max(candidates, key=lambda pair: (sum(self.visible[pair[0]][pair[1]]), -pair[0], -pair[1]))
+        head, row = max(
+            candidates,
+            key=lambda pair: (self._has_unequal_logits(*pair), sum(self.visible[pair[0]][pair[1]]), -pair[0], -pair[1]),
+        )
         visible = self.visible[head][row]
         exponentials = self._exponential_terms(head, row, visible)
         denominator = " + ".join(term for term in exponentials if term is not None)
-        text = f"Row {row + 1} of head {head}, entry by entry:\n"
+        logits = d[f"Z_masked_{head}"][row, :]
+        partition = [sp.exp(logit) for logit, shown in zip(logits, visible) if shown]
+        if self._has_unequal_logits(head, row):
+            reason = "its logits differ, so its weights do too"
+        else:
+            reason = "no row has visible logits that differ"
+        text = f"Row {row + 1} of head {head} written out entry by entry ({reason}):\n"
         for key in range(min(d.n_kv, MAX_SHOWN_COLS)):
             symbol = entry_symbol("A", row + 1, key + 1, self._head_label(head))
             if not visible[key]:
@@ -404,7 +422,7 @@ class _WorkedExample:
             weight = d[f"A_{head}"][row, key]
             steps = [symbol, f"\\frac{{{exponentials[key]}}}{{{denominator}}}"]
             exact = expression_latex(weight, self.names)
-            if not is_wide(exact):
+            if not self._repeats_quotient(weight, logits[key], partition) and not is_wide(exact):
                 steps.append(exact)
             line = " = ".join(steps)
             if not weight.free_symbols and not weight.is_Integer:
@@ -414,6 +432,27 @@ class _WorkedExample:
         if d.n_kv > MAX_SHOWN_COLS:
             text += f"The remaining {d.n_kv - MAX_SHOWN_COLS} keys of this row follow the same pattern.\n"
         return text
+
+    @staticmethod
+    def _repeats_quotient(weight: sp.Expr, logit: sp.Expr, partition: list[sp.Expr]) -> bool:
+        """Tell whether an exact weight is the written quotient e^logit / sum(partition) again.
+
+        It is when it has the same numerator and the same terms in its denominator, in any
+        order, so printing it would only reorder the quotient just written.
+        """
+        numerator, denominator = weight.as_numer_denom()
+        terms = sorted(sp.Add.make_args(denominator), key=sp.default_sort_key)
+        return numerator == sp.exp(logit) and terms == sorted(partition, key=sp.default_sort_key)
+
+    def _has_unequal_logits(self, head: int, row: int) -> bool:
+        """Tell whether the visible masked scores of a row differ.
+
+        Entries are compared as SymPy expressions, so two forms of one value count as unequal.
+        """
+        logits = [
+            logit for logit, visible in zip(self.d[f"Z_masked_{head}"][row, :], self.visible[head][row]) if visible
+        ]
+        return any(logit != logits[0] for logit in logits[1:])
 
     def _exponential_terms(self, head: int, row: int, visible: tuple) -> list[str | None]:
         """Typeset e^{logit} for each visible key of a row, or None for a hidden key.
@@ -551,7 +590,8 @@ def display_matrix(
 
     ``names`` maps every free symbol to its LaTeX (notation.symbol_names). A numeric matrix
     with irrational or elided entries also shows its decimals to ``digits`` significant
-    digits. A symbolic matrix with wide entries is shown as ``structure`` instead, the same
+    digits, and only its decimals when more than MAX_ELIDED_SHARE of its entries are elided.
+    A symbolic matrix with wide entries is shown as ``structure`` instead, the same
     stage written in the entries of ``structure_of``, when one is given.
     """
     exact = exact_entries(matrix, names)
@@ -566,10 +606,12 @@ def display_matrix(
             f"of ${structure_of}$ they are\n" + fit_to_width(f"{lhs} = {structure_latex}"),
             False,
         )
-    if not symbolic and all(all(row) for row in wide):
+    wide_count = sum(sum(row) for row in wide)
+    if not symbolic and wide_count > MAX_ELIDED_SHARE * matrix.rows * matrix.cols:
         decimals = matrix_latex(decimal_entries(matrix, digits))
+        quantity = "The" if wide_count == matrix.rows * matrix.cols else "Most of the"
         return MatrixDisplay(
-            f"The exact entries of ${lhs}$ are too wide to print; to {digits} significant "
+            f"{quantity} exact entries of ${lhs}$ are too wide to print; to {digits} significant "
             "digits they are\n" + fit_to_width(f"{lhs} \\approx {decimals}"),
             True,
         )

@@ -37,6 +37,8 @@ import re
 import unicodedata
 
 import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
 
 from ..errors import InvalidInputError
 from ..values import parse_name
@@ -199,16 +201,50 @@ def symbol_names(*exprs: sp.Basic) -> dict[sp.Symbol, str]:
 def expression_latex(expr: sp.Basic, names: dict[sp.Symbol, str] | None = None, fold_fractions: bool = False) -> str:
     """Typeset an expression with symattn's symbol names; −∞ prints as ``\\hidden``.
 
-    ``fold_fractions`` writes short fractions on one line (``7 \\sqrt{2} / 2``), for exponents.
+    A short fraction in an exponent is written on one line (``e^{7 \\sqrt{2} / 2}``), because
+    a stacked fraction there prints at the smallest size. ``fold_fractions`` folds the short
+    fractions outside exponents too, for an expression that is itself typeset as an exponent.
 
     >>> expression_latex(sp.exp(sp.sqrt(2)) / 2)
     '\\\\frac{e^{\\\\sqrt{2}}}{2}'
+    >>> expression_latex(sp.exp(7 * sp.sqrt(2) / 2) / 2)
+    '\\\\frac{e^{7 \\\\sqrt{2} / 2}}{2}'
     """
     if expr == -sp.oo:
         return r"\hidden"
     if names is None:
         names = symbol_names(expr)
-    return sp.latex(expr, symbol_names=names, fold_short_frac=fold_fractions)
+    return _ExponentFoldingPrinter({"symbol_names": names, "fold_short_frac": fold_fractions}).doprint(expr)
+
+
+class _ExponentFoldingPrinter(LatexPrinter):
+    """SymPy's LaTeX printer, with the short fractions of every exponent written on one line."""
+
+    def _print_exponent(self, exponent: sp.Basic) -> str:
+        folds = self._settings["fold_short_frac"]
+        self._settings["fold_short_frac"] = True
+        try:
+            return self._print(exponent)
+        finally:
+            self._settings["fold_short_frac"] = folds
+
+    def _print_ExpBase(self, expr: sp.Basic, exp: str | None = None) -> str:
+        return self._do_exponent(f"e^{{{self._print_exponent(expr.args[0])}}}", exp)
+
+    def _print_Pow(self, expr: sp.Pow) -> str:
+        # A function raised to a power, such as exp(x)**y, takes the power as printed text.
+        if expr.base.is_Function and not expr.exp.is_Rational:
+            return self._print(expr.base, exp=self._print_exponent(expr.exp))
+        return super()._print_Pow(expr)
+
+    def _helper_print_standard_power(self, expr: sp.Pow, template: str) -> str:
+        exponent = self._print_exponent(expr.exp)
+        base = self.parenthesize(expr.base, PRECEDENCE["Pow"])
+        if expr.base.is_Symbol:
+            base = self.parenthesize_super(base)
+        elif expr.base.is_Float:
+            base = f"{{{base}}}"
+        return template % (base, exponent)
 
 
 def decimal_latex(text: str) -> str:
