@@ -242,7 +242,10 @@ class _GradientExample:
                 "and passes the gradient unchanged. "
             )
         else:
-            mask = f"There is no mask, so $\\overline{{\\tilde{{Z}}}}_{{{head}}} = \\overline{{\\hat{{Z}}}}_{{{head}}}$. "
+            mask = (
+                "There is no mask, so the masked scores equal the scaled scores, and the gradient "
+                "with respect to the scaled scores is the one just found. "
+            )
         return (
             mask + f"The scaled scores are $\\tilde{{Z}}_{{{head}}} = s\\, Z_{{{head}}}$ with $s = {scale}$, so\n"
             f"\\[ \\overline{{Z}}_{{{head}}} = s\\, \\overline{{\\tilde{{Z}}}}_{{{head}}} \\]\n"
