@@ -255,7 +255,10 @@ class PrimeSet:
         out = self.out_limbs if count is None else min(count, self.out_limbs)
         # Each product of a limb (< 2^24) and |y_k| (≤ 2^23) is below 2^47; P ≤ 31 keeps sums exact.
         limbs = self.cofactor_limbs[:out] @ y  # (out, n)
-        limbs -= self.modulus_limbs[:out, None] * t[None, :]
+        scratch = np.empty_like(t)
+        for l in range(out):  # limb by limb, so the temporary stays one row
+            np.multiply(t, self.modulus_limbs[l], out=scratch)
+            np.subtract(limbs[l], scratch, out=limbs[l])
         normalize(limbs)
         if count is not None and count < self.out_limbs:
             # The limbs hold x modulo 2^(24·count); x fits, so its top limb is the signed remainder.
