@@ -44,7 +44,10 @@ class Derivation:
     ``stages`` maps a stage name to an immutable SymPy matrix, in pipeline order: "Q", "K", "V",
     then per head i "Q_i", "K_i", "V_i", "Z_i", "Z_scaled_i", "Z_masked_i", "A_i", "O_i", then
     "concat" and "output". ``inputs`` maps the names in INPUT_NAMES that were given (or Q, K, V
-    in direct mode) to their exact matrices.
+    in direct mode) to their exact matrices. A source given once for several roles appears under
+    each role's name, and ``tied_sources`` lists those roles: all three source names in self
+    attention, "key_source" and "value_source" when ``kv_source`` was given, none otherwise.
+    A gradient with respect to that one matrix sums over these roles (see ``symattn.gradients``).
     """
 
     spec: AttentionSpec
@@ -53,6 +56,7 @@ class Derivation:
     direct: bool
     scale: sp.Expr
     visible: tuple = field(repr=False)
+    tied_sources: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> sp.ImmutableMatrix:
         try:
@@ -115,7 +119,7 @@ class Derivation:
             self._own_symbol(symbol): to_exact(value, f"value of {symbol}") for symbol, value in values.items()
         }
         inputs = {name: matrix.subs(exact) for name, matrix in self.inputs.items()}
-        return _build(self.spec, inputs, self.direct)
+        return _build(self.spec, inputs, self.direct, tied_sources=self.tied_sources)
 
     def _own_symbol(self, key: Any) -> sp.Symbol:
         # SymPy's own subs turns a string key into a new Symbol without real=True, which matches
@@ -133,8 +137,9 @@ class Derivation:
         """Return the exact gradient of a scalar objective, shaped like ``wrt``, in reverse mode.
 
         ``objective``: ``"sum"``, ``("output", i, j)``, an upstream gradient G (L = ⟨G, output⟩)
-        or a SymPy expression of stage entries; ``wrt``: an input, weight, bias or stage name.
-        See ``symattn.gradients.grad``.
+        or a SymPy expression of stage entries; ``wrt``: an input, weight, bias or stage name,
+        where a source name gives the total derivative over every role that source fills and
+        "query_role", "key_role", "value_role" give one role. See ``symattn.gradients.grad``.
         """
         from .gradients import grad
 
@@ -206,8 +211,12 @@ def derive(
         raise InvalidInputError(
             "give either kv_source or key_source and value_source, not both"
         )
+    tied_sources: tuple[str, ...] = ()
     if kv_source is None and key_source is None and value_source is None:
         kv_source = query_source
+        tied_sources = ("query_source", "key_source", "value_source")
+    elif kv_source is not None:
+        tied_sources = ("key_source", "value_source")
     if kv_source is not None:
         key_source = value_source = kv_source
     if key_source is None or value_source is None:
@@ -224,7 +233,7 @@ def derive(
     }
     _add_biases(inputs, {"b_Q": (b_Q, "W_Q"), "b_K": (b_K, "W_K"), "b_V": (b_V, "W_V")})
     _add_output_projection(inputs, W_O, b_O)
-    return _build(spec, inputs, direct=False, max_expression_size=max_expression_size)
+    return _build(spec, inputs, direct=False, max_expression_size=max_expression_size, tied_sources=tied_sources)
 
 
 def derive_direct(
@@ -296,7 +305,8 @@ def _check_heads(width: int, heads: int, name: str) -> int:
 
 
 def _build(spec: AttentionSpec, inputs: dict, direct: bool,
-           max_expression_size: int | None = DEFAULT_MAX_EXPRESSION_SIZE) -> Derivation:
+           max_expression_size: int | None = DEFAULT_MAX_EXPRESSION_SIZE,
+           tied_sources: tuple[str, ...] = ()) -> Derivation:
     check_expression_size(spec, inputs, direct, max_expression_size)
     stages: dict[str, sp.ImmutableMatrix] = {}
 
@@ -337,7 +347,7 @@ def _build(spec: AttentionSpec, inputs: dict, direct: bool,
     concat = sp.ImmutableMatrix(sp.Matrix.hstack(*(stages[f"O_{i}"] for i in range(heads))))
     stages["concat"] = concat
     stages["output"] = _output_projection(concat, inputs)
-    return Derivation(spec, dict(inputs), stages, direct, scale, tuple(map(tuple, visible)))
+    return Derivation(spec, dict(inputs), stages, direct, scale, tuple(map(tuple, visible)), tied_sources)
 
 
 def _check_qkv_shapes(Q: sp.Matrix, K: sp.Matrix, V: sp.Matrix, direct: bool) -> None:

@@ -34,6 +34,12 @@ Every step works on the explicit entries of the stages (numbers or element symbo
 or simplified: a gradient entry is a sum of products that reuses the forward stages' entries as
 they are, so it stays within a small multiple of their size.
 
+A source that fills several roles gets the sum of their gradients. In self attention,
+``derive(X, ...)``, X is the query, key and value source, so ∂L/∂X = G_Q W_Q^T + G_K W_K^T +
+G_V W_V^T, the gradient that PyTorch gives x for ``mha(x, x, x)``; with ``kv_source`` given, that
+matrix gets G_K W_K^T + G_V W_V^T. ``grad`` returns these totals for source names and one role's
+part for the role names in ``ROLE_NAMES`` (see ``source_roles``).
+
 Masks, the masked-row policy, biases and the output projection flow through: a hidden key has
 weight exactly 0, so no gradient reaches its logit. A fully masked row under policy "zeros" is a
 constant zero row and passes no gradient back. Under policy "nan" its weights are NaN, so V's
@@ -57,6 +63,10 @@ Rows = list[list[sp.Expr]]
 
 _ZERO = sp.S.Zero
 _STAGE_ENTRY = re.compile(r"([A-Za-z][A-Za-z0-9_]*)\[([0-9]+),([0-9]+)\]")
+# Names for the gradient through one role of the sources, mapped to that role's name in
+# Derivation.inputs. They give one role's part whether or not one matrix fills several roles.
+ROLE_NAMES: dict[str, str] = {"query_role": "query_source", "key_role": "key_source", "value_role": "value_source"}
+SOURCE_NAMES: tuple[str, ...] = ("source", "kv_source", "query_source", "key_source", "value_source")
 _OBJECTIVE_TEXT = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*\[\s*([0-9]+)\s*,\s*([0-9]+)\s*\]\s*", re.ASCII)
 
 
@@ -296,8 +306,9 @@ def backward(
 
     ``seeds`` maps stage names to ∂L/∂stage for the stages the objective reads directly (see
     ``objective_seeds``). Each stage's gradient is what it receives from later stages plus its
-    own seed. Input names (``W_Q``, ``query_source`` …) get the gradient through their role, so
-    in self attention ``query_source``, ``key_source`` and ``value_source`` each get one part.
+    own seed. Input names (``W_Q``, ``query_source`` …) get the gradient through their role
+    only: in self attention ``query_source``, ``key_source`` and ``value_source`` each get one
+    part of ∂L/∂X, and ``grad`` adds them up.
     ``inputs_wanted`` limits the inputs whose gradients are formed (all when None): these
     last products cost the most, and a gradient with respect to W_Q needs none of the others.
     """
@@ -400,8 +411,13 @@ def grad(derivation: Derivation, objective: Any, wrt: str | sp.Symbol) -> sp.Imm
     ``objective`` is ``"sum"``, a stage entry such as ``("output", 0, 1)``, an upstream gradient
     G shaped like the output (L = ⟨G, output⟩), or a SymPy expression of ``stage_entries``.
     ``wrt`` names an input (``"W_Q"``, ``"b_V"``, ``"query_source"``, or ``"Q"`` in direct mode)
-    or a stage (``"A_0"``). A SymPy symbol gives the 1 × 1 total derivative with respect to
-    that symbol, summed over every input entry that contains it.
+    or a stage (``"A_0"``). A source name gives the total derivative with respect to that
+    matrix, summed over every role it fills (``source_roles``): in self attention
+    ``"query_source"`` and ``"source"`` give ∂L/∂X through the query, key and value roles, as
+    PyTorch's autograd does for ``mha(x, x, x)``, and ``"kv_source"`` gives the key and value
+    roles of a source given once for both. ``"query_role"``, ``"key_role"`` and
+    ``"value_role"`` give one role's part. A SymPy symbol gives the 1 × 1 total derivative with
+    respect to that symbol, summed over every input entry that contains it.
 
     >>> from symattn import derive_direct
     >>> d = derive_direct([[1, 0], [0, 1]], [[1, 0], [0, 1], [1, 1]], [[1, 2], [3, 4], [5, 6]])
@@ -414,13 +430,89 @@ def grad(derivation: Derivation, objective: Any, wrt: str | sp.Symbol) -> sp.Imm
     if isinstance(wrt, sp.Symbol):
         grads = backward(derivation, seeds)
         return sp.ImmutableMatrix([[_symbol_derivative(derivation, grads, wrt)]])
+    roles = source_roles(derivation, wrt) if isinstance(wrt, str) else ()
+    if roles:
+        grads = backward(derivation, seeds, inputs_wanted=set(roles))
+        total = _rows(grads[roles[0]])
+        for role in roles[1:]:
+            total = _add(total, _rows(grads[role]))
+        return sp.ImmutableMatrix(total)
     if not isinstance(wrt, str) or (wrt not in derivation.inputs and wrt not in derivation.stages):
         names = list(derivation.inputs) + [s for s in derivation.stages if s not in derivation.inputs]
+        if not derivation.direct:
+            names[3:3] = [name for name in ("source", "kv_source") if _tied(derivation, name)] + list(ROLE_NAMES)
         raise InvalidInputError(
             f"cannot differentiate with respect to {wrt!r}; expected an input or stage name: "
             f"{', '.join(names)}, or a symbol of the inputs"
         )
     return backward(derivation, seeds, inputs_wanted={wrt})[wrt]
+
+
+def source_roles(derivation: Derivation, wrt: str) -> tuple[str, ...]:
+    """Return the source roles, as ``Derivation.inputs`` names, whose gradients add up to ∂L/∂wrt.
+
+    A source name stands for the matrix given as that source, so its gradient covers every role
+    the matrix fills (``Derivation.tied_sources``). A role name of ``ROLE_NAMES`` covers that
+    role only. Any other name returns ``()``: it is not a source.
+
+    ==============  ==================  ==================  ==================
+    wrt             self attention      kv_source given     key_source and
+                                                            value_source given
+    ==============  ==================  ==================  ==================
+    source          query, key, value   InvalidInputError   InvalidInputError
+    kv_source       key, value          key, value          InvalidInputError
+    query_source    query, key, value   query               query
+    key_source      query, key, value   key, value          key
+    value_source    query, key, value   key, value          value
+    query_role      query               query               query
+    ==============  ==================  ==================  ==================
+
+    >>> from symattn import derive
+    >>> d = derive([[1, 0]], W_Q=[[1], [0]], W_K=[[1], [0]], W_V=[[1], [0]])
+    >>> source_roles(d, "query_source")
+    ('query_source', 'key_source', 'value_source')
+    >>> source_roles(d, "key_role")
+    ('key_source',)
+    """
+    if wrt not in SOURCE_NAMES and wrt not in ROLE_NAMES:
+        return ()
+    if derivation.direct:
+        raise InvalidInputError(
+            f"cannot differentiate with respect to {wrt!r}: this derivation starts from Q, K and V, "
+            f"so it has no sources; use 'Q', 'K' or 'V'"
+        )
+    if wrt in ROLE_NAMES:
+        return (ROLE_NAMES[wrt],)
+    if wrt in ("source", "kv_source") and not _tied(derivation, wrt):
+        raise InvalidInputError(_untied_message(derivation, wrt))
+    if wrt == "source":
+        return derivation.tied_sources
+    if wrt == "kv_source":
+        return ("key_source", "value_source")
+    if wrt in derivation.tied_sources:
+        return derivation.tied_sources
+    return (wrt,)
+
+
+def _tied(derivation: Derivation, wrt: str) -> bool:
+    roles = {"source": ("query_source", "key_source", "value_source"), "kv_source": ("key_source", "value_source")}
+    return set(roles[wrt]) <= set(derivation.tied_sources)
+
+
+def _untied_message(derivation: Derivation, wrt: str) -> str:
+    given = (
+        "kv_source, so the query source is a matrix of its own"
+        if derivation.tied_sources else "key_source and value_source as separate matrices"
+    )
+    roles = "query, key and value" if wrt == "source" else "key and value"
+    steer = (
+        "use 'query_source' or 'kv_source'"
+        if derivation.tied_sources else "use 'query_source', 'key_source' or 'value_source'"
+    )
+    return (
+        f"cannot differentiate with respect to {wrt!r}, one matrix in the {roles} roles: this "
+        f"derivation was given {given}; {steer}"
+    )
 
 
 def _symbol_derivative(derivation: Derivation, grads: dict, symbol: sp.Symbol) -> sp.Expr:
@@ -455,31 +547,40 @@ def hessian_vector_product(
 ) -> sp.ImmutableMatrix:
     """Return the Hessian-vector product H v = d/dε ∂L/∂wrt (wrt + ε v) at ε = 0, exactly.
 
-    ``wrt`` names an input; ``direction`` v has its shape. The input is rebuilt as wrt + ε v
-    with a fresh symbol ε, the gradient is taken in reverse mode, and its entries are
-    differentiated in ε, so no matrix calculus is involved.
+    ``wrt`` names an input, or a source or role name as in ``grad``; ``direction`` v has its
+    shape. Every role that ``wrt`` covers is rebuilt as role + ε v with a fresh symbol ε, so a
+    source shared by several roles moves in all of them, the gradient is taken in reverse mode,
+    and its entries are differentiated in ε, so no matrix calculus is involved.
     """
-    if wrt not in derivation.inputs:
+    roles = source_roles(derivation, wrt)
+    if not roles and wrt not in derivation.inputs:
         raise InvalidInputError(
             f"cannot take a Hessian-vector product with respect to {wrt!r}; expected an input: "
             f"{', '.join(derivation.inputs)}"
         )
+    moved = roles or (wrt,)
+    shape = derivation.inputs[moved[0]].shape
     v = to_matrix(direction, "direction")
-    if v.shape != derivation.inputs[wrt].shape:
+    if v.shape != shape:
         raise ShapeError(
-            f"the direction has shape {v.shape} but {wrt} has shape {derivation.inputs[wrt].shape}; "
+            f"the direction has shape {v.shape} but {wrt} has shape {shape}; "
             f"give one entry per entry of {wrt}"
         )
     epsilon = sp.Dummy("epsilon", real=True)
     inputs = dict(derivation.inputs)
-    inputs[wrt] = inputs[wrt] + epsilon * v
+    for name in moved:
+        inputs[name] = inputs[name] + epsilon * v
     shifted = rebuild(derivation, inputs)
     gradient = grad(shifted, objective, wrt)
     return sp.ImmutableMatrix(gradient.applyfunc(lambda g: sp.diff(g, epsilon).subs(epsilon, 0)))
 
 
 def rebuild(derivation: Derivation, inputs: Mapping[str, sp.MatrixBase]) -> Derivation:
-    """Derive again with the same spec and mode from other input matrices of the same names."""
+    """Derive again with the same spec and mode from other input matrices of the same names.
+
+    Sources that were one matrix stay one matrix while their new matrices are equal, so the
+    rebuilt derivation keeps the ties that still hold.
+    """
     spec = derivation.spec
     # The size limit was checked when the derivation was first built; inputs of the same shapes
     # give stages of about the same size.
@@ -490,9 +591,16 @@ def rebuild(derivation: Derivation, inputs: Mapping[str, sp.MatrixBase]) -> Deri
     )
     if derivation.direct:
         return derive_direct(inputs["Q"], inputs["K"], inputs["V"], **options)
+    tied = derivation.tied_sources
+    query, key, value = inputs["query_source"], inputs["key_source"], inputs["value_source"]
+    if len(tied) == 3 and query == key == value:
+        sources = {}
+    elif "key_source" in tied and key == value:
+        sources = {"kv_source": key}
+    else:
+        sources = {"key_source": key, "value_source": value}
     return derive(
-        inputs["query_source"],
-        key_source=inputs["key_source"], value_source=inputs["value_source"],
+        query, **sources,
         W_Q=inputs["W_Q"], W_K=inputs["W_K"], W_V=inputs["W_V"],
         b_Q=inputs.get("b_Q"), b_K=inputs.get("b_K"), b_V=inputs.get("b_V"),
         **options,

@@ -128,6 +128,16 @@ def assert_matches_finite_differences(exact, expected, label):
             assert error < FD_TOLERANCE, f"{label}[{i},{j}]: symattn {decimals[i][j]}, differences {value}"
 
 
+
+def assert_matches_gradient_difference(hvp, shifted, step):
+    """Compare H v with (∇L(x + h v) − ∇L(x − h v)) / 2h, from the gradients ``shifted`` at ±h."""
+    hvp_decimals = certified_decimals(hvp, 60).decimals
+    difference = certified_decimals((shifted[0] - shifted[1]) / (2 * step), 60).decimals
+    for i, row in enumerate(hvp_decimals):
+        for j, value in enumerate(row):
+            error = abs(mpmath.mpf(value) - mpmath.mpf(difference[i][j]))
+            assert error < mpmath.mpf("1e-40"), (i, j)
+
 # A cross-attention case with every part: biases, output projection, two heads, masks.
 
 RNG = random.Random(20240611)
@@ -235,6 +245,207 @@ def test_gradient_causal_direct_finite_differences():
                 {n: to_mp(m) for n, m in point.items()}, wrt, lambda r: r["output"][2][1], forward
             )
             assert_matches_finite_differences(d.grad(("output", 2, 1), wrt), expected, wrt)
+
+
+
+# A source that fills several roles: self attention and kv_source.
+
+def small_rational_matrix(rng, rows, cols):
+    # Entries below 1 in size keep the softmax away from saturation, so every role's part of
+    # the gradient is of the same order and a missing role shows.
+    return [[Fraction(rng.randint(-4, 4), rng.randint(5, 9)) for _ in range(cols)] for _ in range(rows)]
+
+
+SELF_RNG = random.Random(20261204)
+SELF_POINT = {
+    name: small_rational_matrix(SELF_RNG, *shape)
+    for name, shape in {
+        "x": (3, 4), "W_Q": (4, 4), "W_K": (4, 4), "W_V": (4, 4), "b_Q": (1, 4), "b_K": (1, 4),
+        "b_V": (1, 4), "W_O": (4, 3), "b_O": (1, 3), "y": (2, 4),
+    }.items()
+}
+SELF_UPSTREAM = small_rational_matrix(SELF_RNG, 3, 3)
+
+
+def self_attention(kv_source=None):
+    """Derive causal two-head self attention over x, or cross attention from x to kv_source."""
+    p = SELF_POINT
+    return derive(
+        p["x"], kv_source, W_Q=p["W_Q"], W_K=p["W_K"], W_V=p["W_V"], b_Q=p["b_Q"][0],
+        b_K=p["b_K"][0], b_V=p["b_V"][0], W_O=p["W_O"], b_O=p["b_O"][0], heads=2,
+        causal=None if kv_source is not None else "top_left",
+    )
+
+
+def shared_source_forward(roles, causal):
+    """Return a forward pass that reads the matrix "shared" in every one of ``roles``."""
+    def forward(inputs):
+        with_roles = dict(inputs)
+        for role in roles:
+            with_roles[role] = inputs["shared"]
+        return mp_forward(
+            with_roles, heads=2, scale=1 / mpmath.sqrt(2),
+            hidden=lambda h, i, j: causal and j > i, bias=lambda h, i, j: 0,
+        )
+    return forward
+
+
+def weighted_output(result):
+    return mpmath.fsum(
+        mp_fraction(g) * o for g_row, o_row in zip(SELF_UPSTREAM, result["output"]) for g, o in zip(g_row, o_row)
+    )
+
+
+def shared_point(shared, query=None):
+    point = {name: to_mp(m) for name, m in SELF_POINT.items() if name not in ("x", "y")}
+    point["shared"] = to_mp(shared)
+    if query is not None:
+        point["query_source"] = to_mp(query)
+    return point
+
+
+def test_derivation_records_tied_sources():
+    assert self_attention().tied_sources == ("query_source", "key_source", "value_source")
+    assert self_attention(SELF_POINT["y"]).tied_sources == ("key_source", "value_source")
+    assert full_derivation().tied_sources == ()
+    assert derive_direct(**E1).tied_sources == ()
+
+
+def test_derivation_subs_keeps_tied_sources():
+    x = symbol_matrix("x", 2, 2)
+    d = derive(x, W_Q=sp.eye(2), W_K=sp.eye(2), W_V=sp.eye(2))
+    assert d.subs({s: 1 for s in x}).tied_sources == ("query_source", "key_source", "value_source")
+
+
+def test_gradient_self_attention_total_finite_differences():
+    # Moving the one matrix x moves the query, key and value roles together, as in PyTorch's
+    # mha(x, x, x). The query role alone is not that derivative.
+    d = self_attention()
+    roles = ("query_source", "key_source", "value_source")
+    with mpmath.workdps(FD_DIGITS):
+        expected = finite_difference_gradient(
+            shared_point(SELF_POINT["x"]), "shared", weighted_output,
+            shared_source_forward(roles, causal=True),
+        )
+        for wrt in ("source", "query_source", "key_source", "value_source"):
+            assert_matches_finite_differences(d.grad(SELF_UPSTREAM, wrt), expected, wrt)
+
+
+def test_gradient_self_attention_total_is_sum_of_roles():
+    d = self_attention()
+    parts = [d.grad("sum", role) for role in ("query_role", "key_role", "value_role")]
+    total = d.grad("sum", "source")
+    assert total == parts[0] + parts[1] + parts[2]
+    assert d.grad("sum", "query_source") == total
+    assert total != parts[0]
+
+
+def test_gradient_self_attention_roles_match_backward():
+    d = self_attention()
+    grads = backward(d, objective_seeds(d, "sum"))
+    assert d.grad("sum", "query_role") == grads["query_source"]
+    assert d.grad("sum", "key_role") == grads["key_source"]
+    assert d.grad("sum", "value_role") == grads["value_source"]
+
+
+def test_gradient_self_attention_kv_source_finite_differences():
+    # In self attention, kv_source moves only the key and value roles of x.
+    d = self_attention()
+    with mpmath.workdps(FD_DIGITS):
+        expected = finite_difference_gradient(
+            shared_point(SELF_POINT["x"], query=SELF_POINT["x"]), "shared", weighted_output,
+            shared_source_forward(("key_source", "value_source"), causal=True),
+        )
+        assert_matches_finite_differences(d.grad(SELF_UPSTREAM, "kv_source"), expected, "kv_source")
+
+
+def test_gradient_cross_attention_kv_source_finite_differences():
+    d = self_attention(kv_source=SELF_POINT["y"])
+    with mpmath.workdps(FD_DIGITS):
+        expected = finite_difference_gradient(
+            shared_point(SELF_POINT["y"], query=SELF_POINT["x"]), "shared", weighted_output,
+            shared_source_forward(("key_source", "value_source"), causal=False),
+        )
+        for wrt in ("kv_source", "key_source", "value_source"):
+            assert_matches_finite_differences(d.grad(SELF_UPSTREAM, wrt), expected, wrt)
+
+
+def test_gradient_cross_attention_query_source_is_query_role():
+    d = self_attention(kv_source=SELF_POINT["y"])
+    assert d.grad("sum", "query_source") == d.grad("sum", "query_role")
+
+
+def test_gradient_cross_attention_kv_total_is_sum_of_roles():
+    d = self_attention(kv_source=SELF_POINT["y"])
+    total = d.grad("sum", "kv_source")
+    assert total == d.grad("sum", "key_role") + d.grad("sum", "value_role")
+    assert total != d.grad("sum", "key_role")
+
+
+def test_gradient_source_names_rejected_when_untied():
+    separate = full_derivation()
+    with pytest.raises(InvalidInputError, match="given key_source and value_source as separate matrices"):
+        separate.grad("sum", "source")
+    with pytest.raises(InvalidInputError, match="given key_source and value_source as separate matrices"):
+        separate.grad("sum", "kv_source")
+    with pytest.raises(InvalidInputError, match="the query source is a matrix of its own"):
+        self_attention(kv_source=SELF_POINT["y"]).grad("sum", "source")
+
+
+def test_gradient_untied_source_names_are_roles():
+    d = full_derivation()
+    assert d.grad("sum", "key_source") == d.grad("sum", "key_role")
+    assert d.grad("sum", "value_source") == d.grad("sum", "value_role")
+
+
+def test_gradient_role_names_rejected_in_direct_mode():
+    with pytest.raises(InvalidInputError, match="has no sources; use 'Q', 'K' or 'V'"):
+        derive_direct(**E1).grad("sum", "query_role")
+    with pytest.raises(InvalidInputError, match="has no sources"):
+        derive_direct(**E1).grad("sum", "source")
+
+
+def test_gradient_self_attention_matches_torch_autograd():
+    # nn.MultiheadAttention called as mha(x, x, x) with one leaf x: x.grad is the total
+    # derivative. Float64 autograd of this small case is good to a relative 1e-12.
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(5)
+    module = torch.nn.MultiheadAttention(4, 2).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 4, dtype=torch.float64)
+    causal = torch.triu(torch.ones(3, 3, dtype=torch.bool), diagonal=1)  # True = hidden
+    output, _ = module(x, x, x, attn_mask=causal, need_weights=False)
+    output.backward(upstream)
+
+    # Float arrays convert to their exact binary values; PyTorch stores weights as x Wᵀ.
+    weight = module.in_proj_weight.detach().numpy()
+    bias = module.in_proj_bias.detach().numpy()
+    d = derive(
+        x.detach().numpy(), W_Q=weight[:4].T, W_K=weight[4:8].T, W_V=weight[8:].T,
+        b_Q=bias[:4], b_K=bias[4:8], b_V=bias[8:], W_O=module.out_proj.weight.detach().numpy().T,
+        b_O=module.out_proj.bias.detach().numpy(), heads=2, causal="top_left",
+    )
+    gradient = certified_decimals(d.grad(upstream.numpy(), "query_source"), 20).decimals
+    autograd = x.grad.numpy()
+    for i in range(3):
+        for j in range(4):
+            reference = mpmath.mpf(gradient[i][j])
+            error = abs(mpmath.mpf(float(autograd[i, j])) - reference)
+            assert error <= mpmath.mpf("1e-12") * max(1, abs(reference)), (i, j)
+
+
+def test_hessian_vector_product_self_attention_source():
+    # The direction moves x in all three roles, so the product is the change of the total gradient.
+    x = [[Fraction(1, 2), -1], [Fraction(2, 3), Fraction(1, 5)]]
+    W = {"W_Q": [[1, Fraction(1, 3)], [0, 1]], "W_K": [[Fraction(1, 2), 0], [1, 1]], "W_V": [[1, 2], [0, -1]]}
+    direction = sp.Matrix([[1, 0], [Fraction(-1, 2), 2]])
+    hvp = hessian_vector_product(derive(x, **W), "sum", "source", direction)
+    step = sp.Rational(1, 10**25)
+    shifted = [
+        derive(sp.Matrix(x) + sign * step * direction, **W).grad("sum", "source") for sign in (1, -1)
+    ]
+    assert_matches_gradient_difference(hvp, shifted, step)
 
 
 # Known answers.
@@ -452,12 +663,7 @@ def test_hessian_vector_product_matches_gradient_differences():
     for sign in (1, -1):
         K = sp.Matrix(point["K"]) + sign * step * sp.Matrix(direction)
         shifted.append(derive_direct(point["Q"], K, point["V"]).grad(("output", 1, 0), "K"))
-    hvp_decimals = certified_decimals(hvp, 60).decimals
-    difference = certified_decimals((shifted[0] - shifted[1]) / (2 * step), 60).decimals
-    for i in range(2):
-        for j in range(2):
-            error = abs(mpmath.mpf(hvp_decimals[i][j]) - mpmath.mpf(difference[i][j]))
-            assert error < mpmath.mpf("1e-40"), (i, j)
+    assert_matches_gradient_difference(hvp, shifted, step)
 
 
 def test_hessian_vector_product_linear_input_is_zero():

@@ -2,7 +2,9 @@
 
 Prints the gradient compactly and writes ``<name>-grad-<wrt>.tex`` (the gradient worked example
 for one entry), ``.pdf`` (when pdflatex is installed) and ``.json`` (the gradient exactly and to
-N certified digits), where ``<name>`` is the file's name without ``.toml``.
+N certified digits), where ``<name>`` is the file's name without ``.toml``. For a source it prints
+the roles the gradient covers. A gradient summed over several roles gets no worked example,
+because the example follows one role's chain.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import sympy as sp
 
+from ..derive import Derivation
 from ..errors import InvalidInputError
 from ..export.files import write_files
 from ..export.gradient_json import gradient_to_json
 from ..export.latex import compile_pdf, pdflatex_path
 from ..export.latex_grad import gradient_example
-from ..gradients import grad, parse_objective
+from ..gradients import ROLE_NAMES, grad, parse_objective, source_roles
 from ..loaders import load_derivation_file
 from ..numeric.balls import certified_decimals
 from ..numeric.decimals import check_digits
@@ -44,14 +47,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Derive the attention in a TOML derivation file and compute the exact gradient of "
             "an objective with respect to one input, weight or bias, in reverse mode through the "
             "stages. Prints the gradient and writes NAME-grad-WRT.tex (a worked example of one "
-            "entry's chain), NAME-grad-WRT.pdf (when pdflatex is installed) and NAME-grad-WRT.json."
+            "entry's chain), NAME-grad-WRT.pdf (when pdflatex is installed) and NAME-grad-WRT.json. "
+            "A source's gradient sums every role the source fills (self attention: query, key "
+            "and value); the command prints which, and writes no worked example for a sum of "
+            "several roles."
         ),
     )
     parser.add_argument("file", metavar="FILE.toml", type=Path, help="the derivation file to read")
     parser.add_argument(
         "--wrt", required=True, metavar="NAME",
-        help="the input to differentiate with respect to: W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O, "
-             "query_source, key_source, value_source, or Q, K, V for a file that gives them directly",
+        help="the input to differentiate with respect to: W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O; "
+             "a source, which gets the total over every role it fills: query_source, key_source, "
+             "value_source, kv_source (key and value given once as kv_source, or self attention) "
+             "or source (self attention: query, key and value); one role only: query_role, "
+             "key_role, value_role; or Q, K, V for a file that gives them directly",
     )
     parser.add_argument(
         "--of", default="sum", metavar="OBJECTIVE",
@@ -73,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     derivation, meta = load_derivation_file(args.file)
     print(f"derived {args.file} in {time.perf_counter() - started:.1f} s")
-    if args.wrt not in derivation.inputs:
+    roles = source_roles(derivation, args.wrt)
+    if not roles and args.wrt not in derivation.inputs:
         raise InvalidInputError(
             f"--wrt {args.wrt!r} is not an input of {args.file.name}; its inputs are "
             f"{', '.join(derivation.inputs)}"
+            + ("" if derivation.direct else f", and the role names {', '.join(ROLE_NAMES)}")
         )
-    rows, cols = derivation.inputs[args.wrt].shape
+    rows, cols = derivation.inputs[roles[0] if roles else args.wrt].shape
     if entry[0] >= rows or entry[1] >= cols:
         raise InvalidInputError(
             f"--entry {args.entry!r} is outside {args.wrt}, which has shape ({rows}, {cols}); "
@@ -87,13 +98,25 @@ def run(args: argparse.Namespace) -> int:
 
     gradient = grad(derivation, objective, args.wrt)
     print(f"gradient of {args.of} with respect to {args.wrt}, shape {gradient.shape}:")
+    if roles:
+        print(f"  covers {_roles_text(derivation, roles)}")
     print(_compact(gradient))
 
     name = f"{args.file.stem}-grad-{args.wrt}"
-    tex = gradient_example(derivation, objective, args.wrt, entry, meta, args.digits)
-    files: dict[Path, bytes | str] = {args.out / f"{name}.tex": tex}
+    files: dict[Path, bytes | str] = {}
     build_hint = None
-    if not args.no_pdf:
+    if len(roles) > 1:
+        build_hint = (
+            f"no worked example was written: it follows one role's chain, and this gradient sums "
+            f"{len(roles)} roles; run "
+            + " or ".join(f"--wrt {_role_name(role)}" for role in roles)
+            + " for one role's worked example"
+        )
+    else:
+        wrt_input = roles[0] if roles else args.wrt
+        tex = gradient_example(derivation, objective, wrt_input, entry, meta, args.digits)
+        files[args.out / f"{name}.tex"] = tex
+    if not args.no_pdf and files:
         if pdflatex_path() is None:
             build_hint = (
                 "pdflatex was not found, so no PDF was built. Install TeX Live (Debian: "
@@ -146,6 +169,27 @@ def _objective(text: str) -> str | tuple[str, int, int]:
             f"entry such as 'output[0,1]' (use Derivation.grad in Python for other stages)"
         )
     return objective
+
+
+def _role_name(role: str) -> str:
+    return next(name for name, input_name in ROLE_NAMES.items() if input_name == role)
+
+
+def _roles_text(derivation: Derivation, roles: tuple[str, ...]) -> str:
+    """Describe the roles a source gradient covers, such as "the query, key and value roles (...)"."""
+    words = [role.removesuffix("_source") for role in roles]
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    shared = len(derivation.tied_sources)
+    if len(roles) == shared:
+        given = "self attention: one source in all three roles" if shared == 3 else "one kv_source in both roles"
+    elif len(roles) == 2:
+        given = "of the self-attention source, without its query role"
+    elif shared and roles[0] in derivation.tied_sources:
+        given = f"one of the {shared} roles of a shared source; the others are not included"
+    else:
+        given = "a source of its own"
+    plural = "role" if len(roles) == 1 else "roles"
+    return f"the {listed} {plural} ({given})"
 
 
 def _entry(text: str) -> tuple[int, int]:

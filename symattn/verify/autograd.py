@@ -3,7 +3,8 @@
 For a call of ``torch.nn.MultiheadAttention`` or ``scaled_dot_product_attention`` and an upstream
 gradient G, the objective is L = ⟨G, output⟩ = Σ G ∘ output. The call runs in each requested dtype
 with fresh leaf copies of query, key and value (so in self attention each role gets its own
-gradient, as symattn's ``query_source``, ``key_source`` and ``value_source`` do), then
+gradient, as symattn's ``query_role``, ``key_role`` and ``value_role`` do; the total over the
+roles, ``grad(d, objective, "source")``, is their sum), then
 ``backward`` runs with G. The exact gradients come from symattn's reverse mode at the very values
 PyTorch received in that dtype, and are certified to ``digits`` digits by ball arithmetic.
 
