@@ -30,8 +30,6 @@ except ImportError:  # python-flint is an optional extra ("fast")
 GUARD_BITS = 32
 # Doublings of the working precision before an entry is given up: 2**6 times the first precision.
 MAX_DOUBLINGS = 6
-# SymPy's equals tries to prove a zero only for expressions up to this many operations.
-MAX_OPS_FOR_ZERO_PROOF = 400
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,6 @@ def _ball_decimals(matrix: sp.MatrixBase, digits: int) -> CertifiedDecimals:
             else:
                 pending.append((i, j))
     first_precision = precision = int(digits * math.log2(10)) + GUARD_BITS
-    zero_proof_tried: set[tuple[int, int]] = set()
     bounded: list[tuple[int, int]] = []
 
     for _ in range(MAX_DOUBLINGS + 1):
@@ -114,10 +111,11 @@ def _ball_decimals(matrix: sp.MatrixBase, digits: int) -> CertifiedDecimals:
             for i, j in pending:
                 ball = evaluator.evaluate(matrix[i, j])
                 text, radius = _rounded_text(ball, digits), _radius_upper(ball)
-                if text is None and ball.contains(0) and (i, j) not in zero_proof_tried:
-                    zero_proof_tried.add((i, j))
-                    if _proves_zero(matrix[i, j]):
-                        text, radius = "0", 0.0
+                # NOTE: a zero reached only through cancellation is bounded here, not proven.
+                # SymPy's Expr.equals(0) could prove it, but on gradient entries of a few
+                # hundred operations it ran for over ten minutes, and with python-flint as
+                # SymPy's ground types it killed the process with SIGFPE (SymPy 1.14,
+                # python-flint 0.9).
                 if text is None and ball.contains(0) and ball.abs_upper() < _zero_bound(first_precision):
                     text = "0"  # no precision rounds a true zero, so report the bound
                     bounded.append((i, j))
@@ -136,12 +134,6 @@ def _ball_decimals(matrix: sp.MatrixBase, digits: int) -> CertifiedDecimals:
         f"entry ({i}, {j}) could not be rounded to {digits} digits at {precision // 2} bits; "
         f"its value may lie exactly on a rounding boundary"
     )
-
-
-def _proves_zero(expr: sp.Expr) -> bool:
-    """Return whether SymPy's ``equals`` shows the expression is 0; tried only on modest sizes,
-    because it can take minutes on large ones."""
-    return sp.count_ops(expr) <= MAX_OPS_FOR_ZERO_PROOF and expr.equals(0) is True
 
 
 def _zero_bound(first_precision: int):
