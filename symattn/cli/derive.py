@@ -89,24 +89,35 @@ def _write_outputs(
 ) -> int:
     tex = worked_example(derivation, meta, args.digits)
     files: dict[Path, bytes | str] = {args.out / f"{name}.tex": tex}
-    build_hint = None
-    if not args.no_pdf:
-        if pdflatex_path() is None:
-            tex_name = shlex.quote(f"{name}.tex")
-            build_hint = (
-                "pdflatex was not found, so no PDF was built. Install TeX Live (Debian: "
-                "texlive-latex-extra texlive-fonts-recommended) and build it by hand with\n"
-                f"  cd {shlex.quote(str(args.out))} && pdflatex -no-shell-escape {tex_name}"
-            )
-        else:
-            with progress_bar() as progress:
-                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress, build_folder=args.out)
+    build_hint = add_pdf(files, tex, name, args)
     files[args.out / f"{name}.json"] = derivation_to_json(derivation, args.digits)
-
-    write_files(files, args.force)
-    for path, data in files.items():
-        print(f"wrote {path} ({len(data.encode('utf-8') if isinstance(data, str) else data):,} bytes)")
-    if build_hint:
-        print(build_hint)
+    write_and_report(files, args.force, build_hint)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return EXIT_OK
+
+
+def add_pdf(files: dict[Path, bytes | str], tex: str, name: str, args: argparse.Namespace) -> str | None:
+    """Compile ``tex`` into NAME.pdf in ``files`` unless --no-pdf was given.
+
+    Returns how to build the PDF by hand when pdflatex is missing, and None otherwise.
+    """
+    if args.no_pdf:
+        return None
+    if pdflatex_path() is None:
+        return (
+            "pdflatex was not found, so no PDF was built. Install TeX Live (Debian: "
+            "texlive-latex-extra texlive-fonts-recommended) and build it by hand with\n"
+            f"  cd {shlex.quote(str(args.out))} && pdflatex -no-shell-escape {shlex.quote(name + '.tex')}"
+        )
+    with progress_bar() as progress:
+        files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress, build_folder=args.out)
+    return None
+
+
+def write_and_report(files: dict[Path, bytes | str], force: bool, hint: str | None) -> None:
+    """Write the group of files all or none, then print each path and size, and the hint if any."""
+    write_files(files, force)
+    for path, data in files.items():
+        print(f"wrote {path} ({len(data.encode('utf-8') if isinstance(data, str) else data):,} bytes)")
+    if hint:
+        print(hint)

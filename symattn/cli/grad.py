@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,14 @@ import sympy as sp
 
 from ..derive import Derivation
 from ..errors import InvalidInputError
-from ..export.files import write_files
 from ..export.gradient_json import gradient_to_json
-from ..export.latex import compile_pdf, pdflatex_path
 from ..export.latex_grad import gradient_example
 from ..gradients import ROLE_NAMES, grad, parse_objective, source_roles
 from ..loaders import load_derivation_file
 from ..numeric.balls import certified_decimals
 from ..numeric.decimals import check_digits
 from . import EXIT_OK, EXIT_VERIFICATION_FAILED
-from .derive import add_output_options
-from .terminal import progress_bar
+from .derive import add_output_options, add_pdf, write_and_report
 
 # An exact entry longer than this many characters prints as its decimal value instead.
 MAX_PRINTED_ENTRY = 40
@@ -116,23 +112,9 @@ def run(args: argparse.Namespace) -> int:
         wrt_input = roles[0] if roles else args.wrt
         tex = gradient_example(derivation, objective, wrt_input, entry, meta, args.digits)
         files[args.out / f"{name}.tex"] = tex
-    if not args.no_pdf and files:
-        if pdflatex_path() is None:
-            build_hint = (
-                "pdflatex was not found, so no PDF was built. Install TeX Live (Debian: "
-                "texlive-latex-extra texlive-fonts-recommended) and build it by hand with\n"
-                f"  cd {shlex.quote(str(args.out))} && pdflatex -no-shell-escape {shlex.quote(name + '.tex')}"
-            )
-        else:
-            with progress_bar() as progress:
-                files[args.out / f"{name}.pdf"] = compile_pdf(tex, progress=progress, build_folder=args.out)
+        build_hint = add_pdf(files, tex, name, args)
     files[args.out / f"{name}.json"] = gradient_to_json(derivation, objective, args.wrt, args.digits)
-
-    write_files(files, args.force)
-    for path, data in files.items():
-        print(f"wrote {path} ({len(data.encode('utf-8') if isinstance(data, str) else data):,} bytes)")
-    if build_hint:
-        print(build_hint)
+    write_and_report(files, args.force, build_hint)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return EXIT_OK
 

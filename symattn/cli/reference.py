@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..numeric.reference import ENGINES
 from ..progress import Stopwatch
 from . import EXIT_OK
 from .terminal import progress_bar
 
-ENGINE_CHOICES = ("auto", "flint", "mpmath", "sympy")
 DTYPE_CHOICES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              ".npy the case's dtype, else float64)")
     parser.add_argument("--stage", default="output", metavar="NAME",
                         help="the stage that an .npy file contains, such as output, A_0 or O_1 (default: output)")
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="reference engine (default: auto, python-flint when installed, else mpmath)")
     parser.add_argument("--force", action="store_true", help="replace FILE if it exists with other content")
     parser.set_defaults(run=run)

@@ -7,10 +7,9 @@ import sys
 import time
 
 from ..errors import InvalidInputError
+from ..numeric.reference import ENGINES
 from . import EXIT_OK, EXIT_VERIFICATION_FAILED
 from .terminal import progress_bar
-
-ENGINE_CHOICES = ("auto", "flint", "mpmath", "sympy")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--atol", type=float, metavar="A", help="absolute tolerance: |a − r| ≤ atol + rtol·|r|")
     parser.add_argument("--digits", type=int, default=50, metavar="N",
                         help="significant digits of the reference (default: 50)")
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="reference engine (default: auto, python-flint when installed, else mpmath)")
     # Gradients: symattn.cli.grad.verify_gradients runs the check.
     parser.add_argument("--grad", action="store_true",
