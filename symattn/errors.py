@@ -1,9 +1,9 @@
 """The package's exceptions and warnings.
 
 Every error raised on purpose is a ``SymattnError``, so a caller can catch the whole family
-with one ``except``. The kinds say who should act: ``InvalidInputError`` means the value given
-is wrong and must change; ``UnsupportedError`` means the value is valid but this version does
-not handle it yet.
+with one ``except``. The subclass tells the caller who must act. ``InvalidInputError`` means
+the value given is wrong and must change, while ``UnsupportedError`` means the value is valid
+but this version does not handle it yet.
 """
 
 

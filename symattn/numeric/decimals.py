@@ -1,8 +1,8 @@
 """Evaluation of exact stages to N correctly rounded significant digits.
 
 Rational entries are rounded exactly with the ``decimal`` module. Other entries go through
-SymPy's ``evalf`` at N + guard digits and again with twice the guard; the digits are accepted only
-when both round to the same N-digit string, otherwise the guard doubles (Ziv's strategy). A
+SymPy's ``evalf`` at N + guard digits and again with twice the guard. The digits are accepted
+only when both round to the same N-digit string. Otherwise the guard doubles (Ziv's strategy). A
 value that sits on a rounding boundary would loop, so the guard stops at MAX_GUARD_DIGITS and
 the entry raises EvaluationError.
 
@@ -44,8 +44,8 @@ def format_decimal(value: decimal.Decimal, digits: int | None = None) -> str:
     """Format a Decimal in plain notation for moderate exponents and scientific notation otherwise.
 
     With ``digits``, the string shows exactly that many significant digits, trailing zeros
-    included; without, it shows the Decimal's own digits with trailing zeros removed, which
-    suits values that are exact.
+    included. Without it, the string shows the Decimal's own digits with trailing zeros
+    removed, which suits exact values.
     """
     if value.is_infinite():
         return "-inf" if value < 0 else "inf"
@@ -84,7 +84,7 @@ def mpf_to_decimal(value: mpmath.mpf | tuple) -> decimal.Decimal:
     if exponent >= 0:
         magnitude = decimal.Decimal(mantissa << exponent)
     else:
-        # m / 2^k = m · 5^k / 10^k, which the decimal module holds exactly.
+        # m / 2^k = m · 5^k / 10^k, which the decimal module represents exactly.
         magnitude = exact.scaleb(decimal.Decimal(mantissa * 5**-exponent), exponent)
     # copy_negate is exact; unary minus would round to the default context's 28 digits.
     return magnitude.copy_negate() if sign else magnitude
