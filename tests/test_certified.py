@@ -280,6 +280,59 @@ def test_vectorised_path_matches_entrywise(seed, masked_rows, scale, direct):
             assert a.decimals() == b.decimals(), name
 
 
+def test_vectorised_path_exact_for_inputs_spanning_many_binades():
+    # Weights and sources whose integer forms are over 72 bits wide, with negative entries far
+    # below the largest one: the exact projections once split them with a rounding error.
+    rng = np.random.default_rng(13)
+    problem = random_problem(13)
+    wide = {}
+    for name in ("query_source", "W_Q", "W_K", "W_V", "b_Q", "W_O"):
+        array = np.array(problem.inputs[name], dtype=np.float64)
+        scales = np.where(rng.random(array.shape) < 0.3, 2.0**-40, 1.0)
+        wide[name] = -np.abs(array) * scales
+        wide[name].flat[0] = 2.0**30 + 1
+    inputs = {name: np.asarray(problem.inputs[name]) for name in ("b_V", "b_O")}
+    inputs["kv_source"] = np.asarray(problem.inputs["key_source"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SymattnWarning)
+        problem = Problem.from_arrays(spec=problem.spec, **inputs, **wide)
+    assert certified.IntegerMatrix.from_array(problem.inputs["W_Q"]).bits > 72
+    values = certified.VectorisedPipeline(problem, 140, set(stage_names(problem))).run()
+    stages = {name: CertifiedMatrix(name, value.shape, value, 140, 30) for name, value in values.items()}
+    check_against_oracle(problem, stages, 30, absolute_weights=True)
+    got = stages["Q"].intervals
+    exact = [Fraction(lo, den) for lo, hi, den in zip(got.lo, got.hi, got.den) if lo == hi]
+    assert len(exact) == len(got.lo)
+    expected = oracle_projection(problem, "query_source", "W_Q", "b_Q")
+    assert exact == [value for row in expected for value in row]
+
+
+def test_vectorised_path_handles_huge_logits():
+    # Logits near 2^60: the row shift once kept a margin relative to the logit, so every
+    # exponential underflowed to 0 and the weights came out with infinite radii.
+    rng = np.random.default_rng(14)
+    Q = rng.standard_normal((5, 8)) * 2.0**30
+    K = rng.standard_normal((6, 8)) * 2.0**30
+    V = rng.standard_normal((6, 8))
+    problem = Problem.from_arrays(spec=AttentionSpec(heads=2), direct=True, Q=Q, K=K, V=V)
+    values = certified.VectorisedPipeline(problem, 140, set(stage_names(problem))).run()
+    stages = {name: CertifiedMatrix(name, value.shape, value, 140, 30) for name, value in values.items()}
+    check_against_oracle(problem, stages, 30, absolute_weights=True)
+    # Each query attends to one key: the one with the largest logit per head.
+    for head in range(2):
+        block = slice(4 * head, 4 * head + 4)
+        chosen = np.argmax(Q[:, block] @ K[:, block].T, axis=1)
+        assert np.array_equal(stages[f"O_{head}"].rounded("float64"), V[chosen][:, block])
+
+
+def oracle_projection(problem: Problem, source: str, weight: str, bias: str) -> list:
+    """Return X W + b in exact Fractions."""
+    X = [[Fraction(float(v)) for v in row] for row in np.asarray(problem.inputs[source]).tolist()]
+    W = [[Fraction(float(v)) for v in row] for row in np.asarray(problem.inputs[weight]).tolist()]
+    b = [Fraction(float(v)) for v in np.asarray(problem.inputs[bias]).reshape(-1).tolist()]
+    return [[sum(x * W[i][j] for i, x in enumerate(row)) + b[j] for j in range(len(b))] for row in X]
+
+
 def test_vectorised_path_used_for_many_logits():
     rng = np.random.default_rng(9)
     problem = Problem.from_arrays(spec=AttentionSpec(heads=4), direct=True, Q=rng.standard_normal((16, 32)),

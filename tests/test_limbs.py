@@ -8,7 +8,9 @@ import pytest
 
 from symattn.exact_arrays import lowest_bit_exponent, odd_mantissas_and_exponents
 from symattn.numeric.fixedpoint import multiply_truncated, product_error
-from symattn.numeric.limbs import LIMB_BITS, approximate, from_ints, limb_count, normalize, primes_for, to_ints
+from symattn.numeric.limbs import (
+    LIMB_BITS, approximate, float_limbs, from_ints, limb_count, normalize, primes_for, signed_chunks, to_ints,
+)
 
 
 def random_integers(seed: int, count: int, largest_bits: int) -> list[int]:
@@ -118,3 +120,34 @@ def test_lowest_bit_exponent_matches_odd_mantissas(array):
 
 def test_lowest_bit_exponent_all_zero():
     assert lowest_bit_exponent(np.array([[0.0, -0.0]])) is None
+
+
+# Float64 integers whose integer form is wider than 72 bits: a negative value far below the top
+# limb once made the split round (2^72 − (2^52 + 1) has 72 significant bits).
+WIDE_FLOATS = [-(2.0**52 + 1), -(2.0**52 + 1) * 2.0**19, -(2.0**53 - 1) * 2.0**40, -1.0, -3.0, 0.0,
+               (2.0**53 - 1) * 2.0**40, -(2.0**95), 2.0**95 - 2.0**43, -(2.0**60 + 2.0**8)]
+
+
+def test_float_limbs_exact_for_wide_negative_values():
+    values = np.array(WIDE_FLOATS)
+    limbs = float_limbs(values, 5)
+    assert to_ints(limbs) == [int(v) for v in WIDE_FLOATS]
+    assert np.all((limbs[:-1] >= 0) & (limbs[:-1] < 2**LIMB_BITS))
+
+
+@pytest.mark.parametrize("count, width", [(5, 24), (4, 25), (3, 32)])
+def test_signed_chunks_exact_for_wide_values(count, width):
+    values = np.array(WIDE_FLOATS)
+    chunks = signed_chunks(values, count, width)
+    assert np.all(np.abs(chunks) < 2.0**width)
+    recombined = [sum(int(chunks[j, i]) << (width * j) for j in range(count)) for i in range(len(WIDE_FLOATS))]
+    assert recombined == [int(v) for v in WIDE_FLOATS]
+
+
+def test_residues_of_wide_negative_floats():
+    values = np.array(WIDE_FLOATS)
+    primes = primes_for(200, 768)
+    residues = primes.residues_of_floats(signed_chunks(values, 4, 25), 25)
+    for k, p in enumerate(primes.primes):
+        assert [int(r) % p for r in residues[k]] == [int(v) % p for v in WIDE_FLOATS]
+        assert np.all(np.abs(residues[k]) <= (p + 1) // 2)

@@ -319,13 +319,10 @@ class VectorisedPipeline:
                     else _ball(T[:, i], -self.F, np.where(hidden, 0.0, float(T_error)), -self.F, hidden=hidden)
                 )
 
-        # Shift each row by m_i ≥ its largest visible logit, a multiple of 2^-24, so u = m_i − T ≥ 0.
-        approximate_logits = np.where(visible, approximate(T, -self.F), -np.inf)
-        row_max = approximate_logits.max(axis=2)
-        row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-        shift = np.ceil((row_max + np.abs(row_max) * 2.0**-40 + 2.0**-40) * 2.0**24)  # m_i · 2^24, exact
+        # Shift each row by m_i = (its largest visible floor(T · 2^24)) + 1 in units of 2^-24, so
+        # that u = m_i − T ≥ 0 and the smallest u is below 2^-23.
+        shift_limbs = _row_shift_limbs(T[self.k - 1:], visible)[..., None]
         # m_i · 2^F has the limbs of m_i · 2^24 shifted up by k − 1 places, because F − 24 = 24 · (k − 1).
-        shift_limbs = float_limbs(shift, limb_count(_bits_of(shift)))[..., None]
         count = max(shift_limbs.shape[0] + self.k - 1, T.shape[0]) + 1
         u = np.negative(_pad(T, count))
         u[self.k - 1:self.k - 1 + shift_limbs.shape[0]] += shift_limbs
@@ -507,6 +504,27 @@ def _ball(limbs: np.ndarray, exponent: int, radius: np.ndarray, radius_exponent:
     shape = limbs.shape[1:]
     return BallValues((int(shape[0]), int(shape[1])), limbs.reshape(limbs.shape[0], -1), exponent,
                       np.asarray(radius, dtype=np.float64).reshape(-1), radius_exponent, nan, hidden)
+
+
+def _row_shift_limbs(top: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Return limbs (L, h, n_q) of 1 + the largest visible integer per row of ``top`` (L, h, n_q, n_kv).
+
+    ``top`` holds normalised limbs. Their float64 values are exact below 2^53; rows with an entry
+    beyond that are compared as Python integers. A row with no visible key gets 0.
+    """
+    values = approximate(top)
+    with np.errstate(invalid="ignore"):
+        largest = np.where(visible, values, -np.inf).max(axis=2)
+        beyond = np.where(visible, np.abs(values), 0.0).max(axis=2) >= 2.0**52
+    largest = np.where(np.isfinite(largest), largest + 1, 0.0)
+    if not beyond.any():
+        return float_limbs(largest, limb_count(_bits_of(largest)))
+    shifts = [int(value) for value in largest.reshape(-1)]
+    for flat in np.flatnonzero(beyond.reshape(-1)):
+        head, row = np.unravel_index(flat, beyond.shape)
+        keys = np.flatnonzero(visible[head, row])
+        shifts[flat] = max(to_ints(top[:, head, row, keys])) + 1
+    return from_ints(shifts, limb_count(max(abs(v) for v in shifts).bit_length())).reshape((-1,) + largest.shape)
 
 
 def _pad(limbs: np.ndarray, count: int) -> np.ndarray:

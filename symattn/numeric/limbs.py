@@ -47,16 +47,35 @@ def normalize(limbs: np.ndarray) -> np.ndarray:
 def float_limbs(values: np.ndarray, count: int) -> np.ndarray:
     """Return normalised limbs (count, *shape) of float64 arrays of exact integers (|v| < 2^(24·count − 1)).
 
-    Each step is exact: a power-of-two scaling, a floor, and the subtraction of a float's leading
-    part, so all limbs but the top one lie in [0, 2^24) and the top one carries the sign.
+    The magnitudes are split first (see signed_chunks), so every step is exact; the limbs of a
+    negative value are then negated and the borrows propagated.
     """
-    rest = values
-    limbs = np.empty((count,) + values.shape)
-    for j in range(count - 1, 0, -1):
-        np.floor(rest * 2.0 ** (-LIMB_BITS * j), out=limbs[j])
-        rest = rest - limbs[j] * 2.0 ** (LIMB_BITS * j)
-    limbs[0] = rest
+    limbs = signed_chunks(values, count, LIMB_BITS)
+    if count > 1 and np.any(values < 0):
+        normalize(limbs)
     return limbs
+
+
+def signed_chunks(values: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Return chunks (count, *shape) with values = Σ_j chunks[j] · 2^(width·j) exactly and |chunks| < 2^width.
+
+    ``values`` are float64 arrays of exact integers below 2^(width·count) in magnitude. The chunks
+    of |v| come from a power-of-two scaling, a floor and the subtraction of the leading part. Each
+    remainder is smaller than the float it came from and a multiple of that float's last bit, so it
+    is exact. (Splitting a negative value directly is not: −(2^52 + 1) + 2^72 needs 72 bits.) Every
+    chunk then takes the sign of its value.
+    """
+    rest = np.abs(values)
+    chunks = np.empty((count,) + values.shape)
+    for j in range(count - 1, 0, -1):
+        np.multiply(rest, 2.0 ** (-width * j), out=chunks[j])
+        np.floor(chunks[j], out=chunks[j])
+        rest = rest - chunks[j] * 2.0 ** (width * j)
+    chunks[0] = rest
+    negative = values < 0
+    if negative.any():
+        np.negative(chunks, out=chunks, where=np.broadcast_to(negative, chunks.shape))
+    return chunks
 
 
 def from_ints(values: list[int], count: int) -> np.ndarray:
