@@ -451,3 +451,55 @@ def test_whole_array_rounding_of_exact_ties(integer, dtype, expected):
     stage = ExactValues((1, 1), from_ints([integer], 4), 0)
     matrix = CertifiedMatrix("x", (1, 1), stage, 100, 20)
     assert matrix.rounded(dtype)[0, 0] == expected
+
+
+def test_vectorised_path_keeps_exact_zero_logits_exact():
+    # Q row 0 is zero, so Z_scaled row 0 is exactly 0 even with the irrational scale 1/√2. A ball
+    # around 0 could never be rounded to any number of digits.
+    rng = np.random.default_rng(15)
+    Q = rng.standard_normal((16, 8))
+    Q[0] = 0.0
+    problem = Problem.from_arrays(spec=AttentionSpec(heads=4), direct=True, Q=Q,
+                                  K=rng.standard_normal((16, 8)), V=rng.standard_normal((16, 8)))
+    assert certified.use_vectorised(problem)
+    ref = compute_reference(problem, 30, stages=["Z_scaled_1", "Z_masked_1"])
+    for stage in ("Z_scaled_1", "Z_masked_1"):
+        assert ref[stage].decimals()[0] == ["0"] * 16
+        expected = (Q[1, 2:4] @ problem.inputs["K"][3, 2:4]) / math.sqrt(2)
+        assert float(ref[stage].decimals()[1][3]) == pytest.approx(expected, rel=1e-15)
+
+
+def test_reference_of_tiny_weights_reads_out():
+    # Logits about 2^20 apart: most weights are near exp(−10^6), far below any fixed-point grid.
+    # They are refined entry by entry, and their decimals come out without converting
+    # million-bit integers to decimal.
+    rng = np.random.default_rng(16)
+    Q = rng.standard_normal((16, 8)) * 2.0**10
+    K = rng.standard_normal((16, 8)) * 2.0**10
+    problem = Problem.from_arrays(spec=AttentionSpec(heads=4), direct=True, Q=Q, K=K, V=rng.standard_normal((16, 8)))
+    weights = compute_reference(problem, 20, stages=["A_0"])["A_0"].decimals()
+    exact = oracle(problem)["weights"][0][5]
+    logits = Q[5, :2] @ K[:, :2].T
+    smallest = int(np.argmin(logits))
+    with mpmath.workdps(ORACLE_DIGITS):
+        assert exact[smallest] < mpmath.mpf(10) ** -1000
+        for j in (int(np.argmax(logits)), smallest):
+            assert abs(mpmath.mpf(weights[5][j]) / exact[j] - 1) < mpmath.mpf(10) ** -19
+
+
+def test_decimal_rounding_of_wide_quotients_matches_exact_division():
+    # Quotients of integers over 4096 bits are rounded through interval arithmetic. They must agree
+    # with exact decimal division, ties and the carry to the next power of ten included.
+    import random
+    import decimal
+
+    rng = random.Random(17)
+    cases = [(999, 1000, 2), (-9996, 1000, 3), (1, 8, 2), (3 << 5000, 1 << 5003, 1)]
+    for _ in range(60):
+        numerator = rng.choice((1, -1)) * (rng.getrandbits(rng.randint(1, 6000)) | 1)
+        denominator = (rng.getrandbits(rng.randint(4100, 6000)) | 1) if rng.random() < 0.5 else 1 << rng.randint(4100, 6000)
+        cases.append((numerator, denominator, rng.choice((1, 17, 50))))
+    for numerator, denominator, digits in cases:
+        context = decimal.Context(prec=digits, rounding=decimal.ROUND_HALF_EVEN, Emax=10**9, Emin=-(10**9))
+        expected = context.divide(decimal.Decimal(numerator), decimal.Decimal(denominator))
+        assert str(reference._round_decimal(numerator, denominator, digits)) == str(expected)

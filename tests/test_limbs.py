@@ -151,3 +151,16 @@ def test_residues_of_wide_negative_floats():
     for k, p in enumerate(primes.primes):
         assert [int(r) % p for r in residues[k]] == [int(v) % p for v in WIDE_FLOATS]
         assert np.all(np.abs(residues[k]) <= (p + 1) // 2)
+
+
+def test_from_ints_and_to_ints_round_trip():
+    values = random_integers(21, 200, 170)
+    limbs = from_ints(values, limb_count(171))
+    assert np.all((limbs[:-1] >= 0) & (limbs[:-1] < 2**LIMB_BITS))
+    assert to_ints(limbs) == values
+
+
+def test_to_ints_of_unnormalised_limbs():
+    # Limbs straight out of a sum: a low limb at 2^24 + 5 and another at −3.
+    limbs = np.array([[2.0**24 + 5, -3.0], [1.0, 2.0], [-1.0, 0.0]])
+    assert to_ints(limbs) == [2**24 + 5 + 2**24 - 2**48, -3 + 2 * 2**24]

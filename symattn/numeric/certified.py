@@ -29,7 +29,8 @@ from ..exact_arrays import lowest_bit_exponent
 from ..problem import Problem
 from .fixedpoint import exp_error, exp_negative, in_threads, multiply_truncated, product_error
 from .limbs import (
-    LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, normalize, primes_for, to_ints,
+    LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, normalize, primes_for, signed_chunks,
+    to_ints,
 )
 from .reference import Intervals
 from .stage_values import BallValues, ExactValues, dyadic_ball_endpoints
@@ -38,11 +39,15 @@ from .stage_values import BallValues, ExactValues, dyadic_ball_endpoints
 VECTORISED_MIN_LOGITS = 1024
 # Integer forms of inputs wider than this many bits run entry by entry instead.
 MAX_INPUT_BITS = 900
+# Working precisions above this run entry by entry. A fixed-point softmax that needs more bits
+# is one whose weights are tiny (logits thousands apart), which arb balls carry with their own
+# exponents, and the exp tables of the fixed-point path grow with the square of the precision.
+VECTORISED_MAX_PRECISION = 1024
 
 
 def evaluate(problem: Problem, precision: int, stages: set[str]) -> dict[str, object]:
     """Evaluate the requested stages at ``precision`` bits plus guard bits."""
-    inputs = integer_inputs(problem) if enough_logits(problem) else None
+    inputs = integer_inputs(problem) if enough_logits(problem) and precision <= VECTORISED_MAX_PRECISION else None
     if inputs is not None:
         try:
             return VectorisedPipeline(problem, precision, stages, inputs).run()
@@ -229,10 +234,12 @@ class VectorisedPipeline:
         # |X W| ≤ (largest row sum of |X|) · max |W| and ≤ max |X| · (largest column sum of |W|).
         # These cost no matrix product, but the product's bound can be a few bits tighter: it is
         # computed only when those bits could save a prime.
-        cheap = min(float(X_scaled.sum(axis=1).max()), float(W_scaled.sum(axis=0).max()))
+        inner = X.values.shape[1]
+        cheap = min(_rounded_up(float(X_scaled.sum(axis=1).max()), inner) * float(W_scaled.max()),
+                    _rounded_up(float(W_scaled.sum(axis=0).max()), inner) * float(X_scaled.max()))
         bits = self._product_bits(cheap, X, W, b, product_exponent, exponent)
-        if len(primes_for(bits, X.values.shape[1])) > len(primes_for(bits - 8, X.values.shape[1])):
-            bits = self._product_bits(float((X_scaled @ W_scaled).max()), X, W, b, product_exponent, exponent)
+        if _could_save_a_prime(bits, inner):
+            bits = self._product_bits(_product_bound(X_scaled, W_scaled), X, W, b, product_exponent, exponent)
         primes = primes_for(bits, X.values.shape[1])
         # The power of two that aligns the exponents and the recombination factors ride on X's residues.
         factors = primes.recombination_factors(product_exponent - exponent)
@@ -246,7 +253,7 @@ class VectorisedPipeline:
     def _product_bits(bound: float, X: IntegerMatrix, W: IntegerMatrix, b: IntegerMatrix | None,
                       product_exponent: int, exponent: int) -> int:
         """Return the bits of X W + b given a float64 bound on |X W| · 2^-(X.bits + W.bits)."""
-        bits = math.frexp(bound * (1 + 2.0**-40))[1] + X.bits + W.bits + product_exponent - exponent
+        bits = math.frexp(bound * (1 + 2.0**-50))[1] + X.bits + W.bits + product_exponent - exponent
         if b is not None:
             bits = max(bits, b.bits + b.exponent - exponent) + 1
         return bits
@@ -255,6 +262,9 @@ class VectorisedPipeline:
                           inner: int) -> tuple[np.ndarray, int]:
         """Return (limbs, bits) of the exact batched product left @ right of limb arrays (L, ..., m, inner) @ (L, ..., inner, n)."""
         bits = left_bits + right_bits + math.ceil(math.log2(max(inner, 2))) + 1
+        if _could_save_a_prime(bits, inner):
+            bound = _product_bound(_magnitudes(left, left_bits), _magnitudes(right, right_bits))
+            bits = min(bits, math.frexp(bound * (1 + 2.0**-50))[1] + left_bits + right_bits)
         primes = primes_for(bits, inner)
         # The recombination factors ride on the smaller factor's residues.
         factors = primes.recombination_factors()
@@ -303,20 +313,29 @@ class VectorisedPipeline:
             count = max(T.shape[0], added.shape[0]) + 1
             T = normalize(_pad(T, count) + _pad(added, count))
             T_error += 1
+        if T.shape[0] < self.k + 1:  # logits below one unit: give T its integer limb
+            T = normalize(_pad(T, self.k + 1))
         self.T_error = T_error
         rational_scale = scale_b == 1
+        # s · 0 = 0 exactly, so a logit whose Z is exactly 0 (and whose additive mask adds 0) has no radius.
+        zero_logit = ~Z.any(axis=0)
+        if bias is not None:
+            zero_logit &= np.asarray(bias == 0, dtype=bool)
         for i in range(h):
             hidden = ~visible[i].reshape(-1)
+            exact_zero = zero_logit[i].reshape(-1)
             if f"Z_scaled_{i}" in self.stages:
                 self.results[f"Z_scaled_{i}"] = (
                     _exact(Z[:, i], Z_exponent, factor=scale_a) if rational_scale
-                    else _ball(scaled[:, i], -self.F, np.full(n_q * n_kv, float(scaled_error)), -self.F)
+                    else _ball(scaled[:, i], -self.F, np.where(~Z[:, i].any(axis=0).reshape(-1), 0.0, float(scaled_error)),
+                               -self.F)
                 )
             if f"Z_masked_{i}" in self.stages:
                 added = None if bias is None else np.asarray(bias[i], dtype=object).reshape(-1)
                 self.results[f"Z_masked_{i}"] = (
                     _exact(Z[:, i], Z_exponent, factor=scale_a, added=added, hidden=hidden) if rational_scale
-                    else _ball(T[:, i], -self.F, np.where(hidden, 0.0, float(T_error)), -self.F, hidden=hidden)
+                    else _ball(T[:, i], -self.F, np.where(hidden | exact_zero, 0.0, float(T_error)), -self.F,
+                               hidden=hidden)
                 )
 
         # Shift each row by m_i = (its largest visible floor(T · 2^24)) + 1 in units of 2^-24, so
@@ -420,7 +439,9 @@ class VectorisedPipeline:
             propagated = (self.E_error * 2.0**-self.F * (V_sum + self.visible_count[..., None] * V_max)
                           / S_lower[..., None]) * 2.0**(V_bits + V_exponent - O_exponent)
         reciprocal = np.abs(approximate(EV)) * 2.0**(-LIMB_BITS * d)
-        radius = (propagated + product_error(EV.shape[0] - drop, R.shape[0]) + 1 + reciprocal) * (1 + 2.0**-20)
+        # Where EV is exactly 0 the fixed-point product and its floor are exact too.
+        truncation = np.where(EV.any(axis=0), product_error(EV.shape[0] - drop, R.shape[0]) + 1 + reciprocal, 0.0)
+        radius = (propagated + truncation) * (1 + 2.0**-20)
 
         masked_rows = problem.spec.masked_rows
         radius = np.where(self.empty[..., None], 0.0, radius)
@@ -453,7 +474,12 @@ class VectorisedPipeline:
         product_exponent = exponent + W.exponent
         out_exponent = product_exponent if b is None else min(product_exponent, b.exponent)
         concat_bits = _bits_of_limbs(limbs)
-        bits = concat_bits + W.bits + math.ceil(math.log2(max(W.values.shape[0], 2))) + 1 + product_exponent - out_exponent
+        inner = W.values.shape[0]
+        product_bits = concat_bits + W.bits + math.ceil(math.log2(max(inner, 2))) + 1
+        if _could_save_a_prime(product_bits + product_exponent - out_exponent, inner):
+            bound = _product_bound(_magnitudes(limbs, concat_bits), np.abs(np.ldexp(W.values, -W.bits)))
+            product_bits = min(product_bits, math.frexp(bound * (1 + 2.0**-50))[1] + concat_bits + W.bits)
+        bits = product_bits + product_exponent - out_exponent
         if b is not None:
             bits = max(bits, b.bits + b.exponent - out_exponent) + 1
         primes = primes_for(bits, W.values.shape[0])
@@ -466,27 +492,57 @@ class VectorisedPipeline:
 
         # Radius: |concat − mid| @ |W_O|, rounded up for the float64 sums (units 2^exponent).
         W_values = np.abs(np.ldexp(W.values, W.exponent))
-        out_radius = (np.where(nan, 0.0, radius) @ W_values) * (1 + 2.0**-40) + W.values.shape[0] * 2.0**-1074
+        concat_radius = np.where(nan, 0.0, radius)
+        # A row of exact concatenated outputs gives exact products: no radius, not even for underflow.
+        out_radius = np.where((concat_radius > 0).any(axis=1)[:, None], _rounded_up(concat_radius @ W_values, inner), 0.0)
         out_nan = np.repeat(nan.any(axis=1)[:, None], W.values.shape[1], axis=1)
         self.results["output"] = _ball(output, out_exponent, np.where(out_nan, 0.0, out_radius).reshape(-1), exponent,
                                        nan=out_nan.reshape(-1))
 
 
-# Rows of a weight matrix per block when its residues are computed: a block's chunks and
-# residues for all primes then stay in the processor cache between the steps.
-WEIGHT_ROWS = 32
+def _rounded_up(value, terms: int):
+    """Return an upper bound on an exact sum of ``terms`` nonnegative products that float64 computed as ``value``.
+
+    In any order, with or without fused multiply-adds, the computed sum is at least (1 − γ)
+    times the exact one with γ = n·2^-53 / (1 − n·2^-53), so the factor 1 + (n + 2)·2^-52
+    covers it; n·2^-1074 covers products that underflowed.
+    """
+    return value * (1 + (terms + 2) * 2.0**-52) + terms * 2.0**-1074
+
+
+def _product_bound(left: np.ndarray, right: np.ndarray) -> float:
+    """Return an upper bound on the largest entry of left @ right for nonnegative float64 arrays."""
+    return float(_rounded_up(np.matmul(left, right).max(), left.shape[-1]))
+
+
+def _magnitudes(limbs: np.ndarray, bits: int) -> np.ndarray:
+    """Return float64 upper bounds on |x| · 2^-bits for the integers x given by normalised limbs."""
+    return np.abs(approximate(limbs, -bits)) * (1 + 2.0**-40)  # approximate is within 2^-47 relatively
+
+
+def _could_save_a_prime(bits: int, inner: int) -> bool:
+    """Return whether a bound up to log2(inner) + 1 bits tighter than ``bits`` could need fewer primes."""
+    return len(primes_for(bits, inner)) > len(primes_for(bits - math.ceil(math.log2(max(inner, 2))) - 1, inner))
+
+
+# Rows of a weight matrix per block when its residues are computed: a block's chunks and residues
+# for all primes then stay in the processor cache between the steps.
+WEIGHT_ROWS = 16
 
 
 def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarray:
     """Return the residues (P, n, d_out) of left_int @ W_int from left's residues (P, n, d_in)."""
     rows, columns = W.values.shape
-    chunk_count = max(1, math.ceil((W.bits + 1) / LIMB_BITS))
+    count, width = primes.chunking(W.bits)
+    weights = primes.chunk_weights(count, width)
     right = np.empty((len(primes), rows, columns))
 
     def convert(start: int) -> None:
         stop = min(start + WEIGHT_ROWS, rows)
-        chunks = float_limbs(W.values[start:stop], chunk_count)
-        right[:, start:stop] = primes.residues_of_floats(chunks, LIMB_BITS)
+        chunks = signed_chunks(W.values[start:stop], count, width)
+        block = right[:, start:stop].reshape(len(primes), -1)  # a view: rows of one prime are contiguous
+        np.matmul(weights, chunks.reshape(count, -1), out=block)
+        primes.reduce_rows(block)
 
     in_threads(convert, range(0, rows, WEIGHT_ROWS))
     return primes.reduce_array(np.matmul(left, right))
@@ -546,6 +602,9 @@ def _scaled_fixed(Z: np.ndarray, Z_bits: int, Z_exponent: int, scale_a: Fraction
     scale_float = abs(float(scale_a)) * math.sqrt(float(scale_b))
     scale_bits = math.frexp(scale_float)[1]  # |s| < 2^scale_bits
     drop = max(0, math.floor((-2 - scale_bits - Z_exponent - F) / LIMB_BITS))
+    if drop >= Z.shape[0]:
+        # |s · Z| is below 1/4 unit: the fixed-point logit is 0, within the usual error.
+        return np.zeros((1,) + Z.shape[1:]), product_error(1, 1) + 2
     kept = Z[drop:]
     kept_bits = max(Z_bits - LIMB_BITS * drop, 1)
     d = math.ceil((kept_bits + 2) / LIMB_BITS)
@@ -553,8 +612,12 @@ def _scaled_fixed(Z: np.ndarray, Z_bits: int, Z_exponent: int, scale_a: Fraction
     squared = scale_a * scale_a * scale_b  # s² = a²·b
     scaled = squared * (Fraction(4) ** G if G >= 0 else Fraction(1, 4 ** -G))
     S = math.isqrt(scaled.numerator // scaled.denominator)  # floor(|s| · 2^G)
+    # Low zero limbs of S (a power-of-two scale has all but one) shift the product instead of
+    # multiplying by zeros: kept · S / 2^(24·d) = kept · (S / 2^(24·z)) / 2^(24·(d − z)).
+    zeros = min(d, ((S & -S).bit_length() - 1) // LIMB_BITS) if S else 0
+    S >>= LIMB_BITS * zeros
     S_limbs = from_ints([S], limb_count(S.bit_length() + 1))
-    product = multiply_truncated(kept, S_limbs.reshape((S_limbs.shape[0],) + (1,) * (Z.ndim - 1)), d)
+    product = multiply_truncated(kept, S_limbs.reshape((S_limbs.shape[0],) + (1,) * (Z.ndim - 1)), d - zeros)
     if scale_a < 0:
         product = normalize(-product)
     return product, product_error(kept.shape[0], S_limbs.shape[0]) + 2

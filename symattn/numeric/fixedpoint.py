@@ -134,7 +134,7 @@ def exp_error(fraction_limbs: int) -> int:
 
 
 # Entries per block: a block's limb arrays stay in the processor cache between operations.
-BLOCK = 16384
+BLOCK = 32768
 # Threads that evaluate blocks at once (at most one per processor core).
 MAX_WORKERS = 4
 

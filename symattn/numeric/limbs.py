@@ -27,6 +27,8 @@ LIMB_BITS = 24
 LIMB = float(1 << LIMB_BITS)
 INVERSE_LIMB = 1.0 / LIMB
 EXACT = float(1 << 53)
+# Entries per block in reduce_array: 64 KiB of float64, below glibc's threshold for mapping fresh pages.
+REDUCE_BLOCK = 8192
 
 
 def normalize(limbs: np.ndarray) -> np.ndarray:
@@ -50,10 +52,7 @@ def float_limbs(values: np.ndarray, count: int) -> np.ndarray:
     The magnitudes are split first (see signed_chunks), so every step is exact; the limbs of a
     negative value are then negated and the borrows propagated.
     """
-    limbs = signed_chunks(values, count, LIMB_BITS)
-    if count > 1 and np.any(values < 0):
-        normalize(limbs)
-    return limbs
+    return normalize(signed_chunks(values, count, LIMB_BITS))
 
 
 def signed_chunks(values: np.ndarray, count: int, width: int) -> np.ndarray:
@@ -68,38 +67,56 @@ def signed_chunks(values: np.ndarray, count: int, width: int) -> np.ndarray:
     rest = np.abs(values)
     chunks = np.empty((count,) + values.shape)
     for j in range(count - 1, 0, -1):
-        np.multiply(rest, 2.0 ** (-width * j), out=chunks[j])
-        np.floor(chunks[j], out=chunks[j])
-        rest = rest - chunks[j] * 2.0 ** (width * j)
+        chunk = chunks[j]
+        np.multiply(rest, 2.0 ** (-width * j), out=chunk)
+        np.floor(chunk, out=chunk)
+        rest -= chunk * 2.0 ** (width * j)
     chunks[0] = rest
-    negative = values < 0
-    if negative.any():
-        np.negative(chunks, out=chunks, where=np.broadcast_to(negative, chunks.shape))
+    chunks *= np.sign(values)
     return chunks
 
 
 def from_ints(values: list[int], count: int) -> np.ndarray:
-    """Return the limbs of Python ints (shape (count, len(values))); each must fit in count limbs."""
-    limbs = np.zeros((count, len(values)))
-    mask = (1 << LIMB_BITS) - 1
-    for column, value in enumerate(values):
-        for l in range(count - 1):
-            limbs[l, column] = value & mask
-            value >>= LIMB_BITS
-        limbs[count - 1, column] = value
+    """Return the limbs of Python ints (shape (count, len(values))); each must fit in count limbs.
+
+    The low limbs travel as little-endian bytes (three per limb) through one NumPy buffer, so the
+    Python work is one to_bytes call per value.
+    """
+    limbs = np.empty((count, len(values)))
+    shift = LIMB_BITS * (count - 1)
+    if count > 1 and values:
+        mask = (1 << shift) - 1
+        data = b"".join((value & mask).to_bytes(3 * (count - 1), "little") for value in values)
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(len(values), count - 1, 3).astype(np.int64)
+        limbs[:-1] = (raw[..., 0] | (raw[..., 1] << 8) | (raw[..., 2] << 16)).T
+    limbs[-1] = [value >> shift for value in values]
     return limbs
 
 
 def to_ints(limbs: np.ndarray) -> list[int]:
-    """Return the Python ints of a (count, n) limb array (n entries)."""
-    columns = limbs.reshape(limbs.shape[0], -1).astype(np.int64).T.tolist()
-    values = []
-    for column in columns:
-        value = 0
-        for limb in reversed(column):
-            value = (value << LIMB_BITS) + limb
-        values.append(value)
-    return values
+    """Return the Python ints of a (count, n) limb array (n entries).
+
+    Normalised low limbs travel as bytes, as in from_ints; other limbs are summed one by one.
+    """
+    flat = limbs.reshape(limbs.shape[0], -1)
+    count = flat.shape[0]
+    low = flat[:-1].T.astype(np.int64)  # (n, count − 1)
+    tops = flat[-1].astype(np.int64).tolist()
+    if count == 1:
+        return tops
+    shift = LIMB_BITS * (count - 1)
+    if low.size and (low.min() < 0 or low.max() >= 1 << LIMB_BITS):
+        values = []
+        for column, top in zip(low.tolist(), tops):
+            value = top
+            for limb in reversed(column):
+                value = (value << LIMB_BITS) + limb
+            values.append(value)
+        return values
+    raw = np.empty(low.shape + (3,), dtype=np.uint8)
+    raw[..., 0], raw[..., 1], raw[..., 2] = low & 0xFF, (low >> 8) & 0xFF, low >> 16
+    data, width = raw.tobytes(), 3 * (count - 1)
+    return [int.from_bytes(data[i * width:(i + 1) * width], "little") + (top << shift) for i, top in enumerate(tops)]
 
 
 def limb_count(bits: int) -> int:
@@ -197,6 +214,7 @@ class PrimeSet:
         self.inverse_cofactors = np.array([pow(c % p, -1, p) for c, p in zip(cofactors, primes)], dtype=np.float64)
         self.cofactor_limbs = from_ints(cofactors, self.out_limbs)  # (out_limbs, P), limbs < 2^24
         self.modulus_limbs = from_ints([modulus], self.out_limbs)[:, 0]
+        self._chunk_weights: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.primes)
@@ -215,13 +233,28 @@ class PrimeSet:
         return self.multiply(self.power_of_two_residues(exponent), self.inverse_cofactors.copy())
 
     def reduce_array(self, values: np.ndarray) -> np.ndarray:
-        """Reduce values of shape (P, ...) with |values| < 2^52 to symmetric residues, in place."""
-        shape = (len(self.primes),) + (1,) * (values.ndim - 1)
-        quotient = np.multiply(values, self.inverse_p.reshape(shape))
-        np.rint(quotient, out=quotient)
-        np.multiply(quotient, self.p.reshape(shape), out=quotient)
-        np.subtract(values, quotient, out=values)
+        """Reduce a C-contiguous array (P, ...) with |values| < 2^52 to symmetric residues, in place."""
+        self.reduce_rows(values.reshape(len(self.primes), -1))
         return values
+
+    def reduce_rows(self, rows: np.ndarray) -> None:
+        """Reduce a (P, n) array or view with |values| < 2^52 in place, row k modulo prime k.
+
+        The work runs in blocks of REDUCE_BLOCK entries with one scratch block, so no temporary
+        as large as ``rows`` is allocated (large ones are freshly mapped pages, which cost more
+        than the arithmetic here).
+        """
+        width = rows.shape[1]
+        scratch = np.empty(min(width, REDUCE_BLOCK))
+        for k in range(len(self.primes)):
+            inverse, p = self.inverse_p[k], self.p[k]
+            for start in range(0, width, REDUCE_BLOCK):
+                block = rows[k, start:start + REDUCE_BLOCK]
+                quotient = scratch[:block.shape[0]]
+                np.multiply(block, inverse, out=quotient)
+                np.rint(quotient, out=quotient)
+                np.multiply(quotient, p, out=quotient)
+                np.subtract(block, quotient, out=block)
 
     def _weights(self, count: int, chunk_bits: int, factors: np.ndarray | None) -> np.ndarray:
         """Return (P, count) residues of 2^(chunk_bits · c), times the per-prime ``factors`` when given."""
@@ -229,6 +262,24 @@ class PrimeSet:
         if factors is not None:
             weights = self.multiply(weights, factors[:, None])
         return weights
+
+    def chunking(self, bits: int) -> tuple[int, int]:
+        """Return (count, width): the fewest chunks of ``width`` bits that hold integers below 2^bits for residues_of_floats.
+
+        A chunk times a symmetric weight (at most 2^23) summed over ``count`` chunks must stay below 2^52.
+        """
+        for count in range(1, 64):
+            width = max(1, math.ceil(bits / count))
+            if width + 23 + math.ceil(math.log2(count)) < 52:
+                return count, width
+        raise CapacityError(f"integers of {bits} bits are too wide to split into chunks")
+
+    def chunk_weights(self, count: int, width: int) -> np.ndarray:
+        """Return the (P, count) residues of 2^(width · c), cached per (count, width)."""
+        key = (count, width)
+        if key not in self._chunk_weights:
+            self._chunk_weights[key] = self._weights(count, width, None)
+        return self._chunk_weights[key]
 
     def residues_of_limbs(self, limbs: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
         """Return the symmetric residues (P, ...) of the integers given by limbs (L, ...).

@@ -22,6 +22,7 @@ import decimal
 import math
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterable, Mapping, Protocol
 
 import numpy as np
@@ -272,9 +273,63 @@ def _decimal_interval(lo: int, hi: int, den: int, digits: int) -> str | None:
     return format_decimal(low, digits)
 
 
+# Integers wider than this many bits are not converted to decimal.Decimal whole, because that
+# conversion took minutes for the million-bit denominators of tiny weights. Their quotient is
+# first enclosed with interval arithmetic.
+EXACT_DECIMAL_BITS = 4096
+
+
 def _round_decimal(numerator: int, denominator: int, digits: int) -> decimal.Decimal:
+    """Return numerator/denominator rounded half-even to ``digits`` significant digits (denominator > 0)."""
+    if max(abs(numerator).bit_length(), denominator.bit_length()) > EXACT_DECIMAL_BITS:
+        rounded = _round_decimal_by_intervals(numerator, denominator, digits)
+        if rounded is not None:
+            return rounded
     context = decimal.Context(prec=digits, rounding=decimal.ROUND_HALF_EVEN, Emax=10**9, Emin=-(10**9))
     return context.divide(decimal.Decimal(numerator), decimal.Decimal(denominator))
+
+
+def _dyadic(man_exp: tuple[int, int]) -> Fraction:
+    mantissa, exponent = int(man_exp[0]), int(man_exp[1])
+    return Fraction(mantissa << exponent) if exponent >= 0 else Fraction(mantissa, 1 << -exponent)
+
+
+def _round_decimal_by_intervals(numerator: int, denominator: int, digits: int) -> decimal.Decimal | None:
+    """Round numerator/denominator as _round_decimal does, or return None where that is not certain.
+
+    A tiny weight such as exp(−2^20) has a denominator of millions of bits. mpmath's interval
+    arithmetic (outward rounding) encloses q = |x| · 10^(digits − 1 − e) for the decimal exponent
+    e of x; when the enclosure lies strictly between two half-integers, the integer in between is
+    the correctly rounded mantissa.
+    """
+    import mpmath
+
+    if numerator == 0:
+        return decimal.Decimal(0)
+    magnitude = abs(numerator)
+    iv = mpmath.iv
+    saved = iv.prec
+    iv.prec = 4 * digits + 64
+    try:
+        value = iv.mpf(magnitude) / iv.mpf(denominator)
+        # log10 |x| from the bit lengths, then corrected by the enclosure itself.
+        exponent = math.floor((magnitude.bit_length() - denominator.bit_length()) * math.log10(2))
+        for _ in range(4):
+            scaled = value * iv.mpf(10) ** (digits - 1 - exponent)
+            low, high = (_dyadic(mpmath.mp.make_mpf(end).man_exp) for end in scaled._mpi_)
+            if low >= 10 ** (digits - 1) and high < 10**digits:
+                break
+            exponent += 1 if low >= 10**digits else -1
+        else:
+            return None
+        nearest = round(low)
+        if not (nearest - Fraction(1, 2) < low and high < nearest + Fraction(1, 2)):
+            return None
+        if nearest == 10**digits:  # rounded up to the next power of ten
+            nearest, exponent = nearest // 10, exponent + 1
+    finally:
+        iv.prec = saved
+    return decimal.Decimal((int(numerator < 0), tuple(int(c) for c in str(nearest)), exponent - digits + 1))
 
 
 def _terminates_within(numerator: int, denominator: int, digits: int) -> bool:
@@ -290,6 +345,10 @@ def _terminates_within(numerator: int, denominator: int, digits: int) -> bool:
         rest //= 5
         fives += 1
     if rest != 1:
+        return False
+    # In lowest terms the expansion ends in a nonzero digit, and the integer below has at least the
+    # numerator's digits and |twos − fives| more factors of 5 or 2: rule out long ones before building it.
+    if abs(numerator) >= 10**digits or (twos - fives) * math.log10(5) > digits or (fives - twos) * math.log10(2) > digits:
         return False
     # numerator/denominator = numerator · 2^(s−twos) · 5^(s−fives) / 10^s with s = max(twos, fives).
     scale = max(twos, fives)
