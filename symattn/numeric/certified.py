@@ -230,15 +230,15 @@ class VectorisedPipeline:
         """Return (limbs, exponent, bits) of X W + b exactly."""
         product_exponent = X.exponent + W.exponent
         exponent = product_exponent if b is None else min(product_exponent, b.exponent)
-        X_scaled, W_scaled = np.abs(np.ldexp(X.values, -X.bits)), np.abs(np.ldexp(W.values, -W.bits))
-        # |X W| ≤ (largest row sum of |X|) · max |W| and ≤ max |X| · (largest column sum of |W|).
-        # These cost no matrix product, but the product's bound can be a few bits tighter: it is
-        # computed only when those bits could save a prime.
+        X_scaled = np.abs(np.ldexp(X.values, -X.bits))
+        # |X W| ≤ (largest row sum of |X|) · max |W|, which costs one pass over the small X. The
+        # product's bound can be a few bits tighter: it is computed only when those bits could save a prime.
         inner = X.values.shape[1]
-        cheap = min(_rounded_up(float(X_scaled.sum(axis=1).max()), inner) * float(W_scaled.max()),
-                    _rounded_up(float(W_scaled.sum(axis=0).max()), inner) * float(X_scaled.max()))
-        bits = self._product_bits(cheap, X, W, b, product_exponent, exponent)
+        W_largest = math.ldexp(max(float(W.values.max()), -float(W.values.min())), -W.bits)
+        bits = self._product_bits(_rounded_up(float(X_scaled.sum(axis=1).max()), inner) * W_largest,
+                                  X, W, b, product_exponent, exponent)
         if _could_save_a_prime(bits, inner):
+            W_scaled = np.abs(np.ldexp(W.values, -W.bits))
             bits = self._product_bits(_product_bound(X_scaled, W_scaled), X, W, b, product_exponent, exponent)
         primes = primes_for(bits, X.values.shape[1])
         # The power of two that aligns the exponents and the recombination factors ride on X's residues.
@@ -476,8 +476,9 @@ class VectorisedPipeline:
         concat_bits = _bits_of_limbs(limbs)
         inner = W.values.shape[0]
         product_bits = concat_bits + W.bits + math.ceil(math.log2(max(inner, 2))) + 1
+        W_scaled = np.abs(np.ldexp(W.values, -W.bits))
         if _could_save_a_prime(product_bits + product_exponent - out_exponent, inner):
-            bound = _product_bound(_magnitudes(limbs, concat_bits), np.abs(np.ldexp(W.values, -W.bits)))
+            bound = _product_bound(_magnitudes(limbs, concat_bits), W_scaled)
             product_bits = min(product_bits, math.frexp(bound * (1 + 2.0**-50))[1] + concat_bits + W.bits)
         bits = product_bits + product_exponent - out_exponent
         if b is not None:
@@ -490,11 +491,13 @@ class VectorisedPipeline:
             residues = primes.reduce_array(residues + bias)
         output = primes.to_limbs(residues, limb_count(bits), recombining=True)
 
-        # Radius: |concat − mid| @ |W_O|, rounded up for the float64 sums (units 2^exponent).
-        W_values = np.abs(np.ldexp(W.values, W.exponent))
+        # Radius: |concat − mid| @ |W_O|, rounded up for the float64 sums (units 2^exponent). |W_O| is
+        # W_scaled · 2^(W.bits + W.exponent), a power of two applied after the sums (2^-1074 covers
+        # a result that lands among the subnormals).
         concat_radius = np.where(nan, 0.0, radius)
+        products = np.ldexp(_rounded_up(concat_radius @ W_scaled, inner), W.bits + W.exponent) + 2.0**-1074
         # A row of exact concatenated outputs gives exact products: no radius, not even for underflow.
-        out_radius = np.where((concat_radius > 0).any(axis=1)[:, None], _rounded_up(concat_radius @ W_values, inner), 0.0)
+        out_radius = np.where((concat_radius > 0).any(axis=1)[:, None], products, 0.0)
         out_nan = np.repeat(nan.any(axis=1)[:, None], W.values.shape[1], axis=1)
         self.results["output"] = _ball(output, out_exponent, np.where(out_nan, 0.0, out_radius).reshape(-1), exponent,
                                        nan=out_nan.reshape(-1))

@@ -194,14 +194,16 @@ def _exp_negative_block(u: np.ndarray, k: int) -> np.ndarray:
     for step in range(k - 1, -1, -1):
         kept = k - step  # fraction limbs of p_step
         r_kept = r[k - kept:]  # r at 2^(−24·kept) resolution; its top limb (2^-24) is 0
-        if r_kept.shape[0] and p.any():
-            product = multiply_truncated(r_kept, p, kept - 1, normalized=False)
-        else:
-            product = np.zeros((kept + 1, n))
         coefficient = coefficients[k - kept:, step:step + 1]  # floor(1/step! · 2^(24·kept))
-        # The product is below 2^-24, so the limbs above kept + 1 are zero once normalised.
-        width = max(kept + 1, product.shape[0])
-        p = normalize(_pad(coefficient, width) - _pad(product, width))[:kept + 1]
+        if not r_kept.shape[0] or step == k - 1:  # r · p vanishes: p is 0 or r has no limbs
+            p = np.repeat(coefficient, n, axis=1)
+            continue
+        # p ← coefficient − r · p, in the product's own array. The product is below 2^-24, so the
+        # limbs above kept + 1 are zero once normalised.
+        product = _pad(multiply_truncated(r_kept, p, kept - 1, normalized=False), kept + 1)
+        np.negative(product, out=product)
+        product[:kept + 1] += coefficient
+        p = normalize(product)[:kept + 1]
 
     # Multiply the table factors, all at most 1, into the result.
     result = multiply_truncated(p, np.take(tables["low"], low_index, axis=1), k)[: k + 1]
