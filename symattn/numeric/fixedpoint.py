@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .blas import single_threaded_blas
 from .limbs import LIMB, LIMB_BITS, from_ints, normalize
 
 
@@ -161,13 +162,14 @@ def in_threads(function: Callable[[int], None], starts: range) -> None:
     """Call ``function(start)`` for every start, on up to MAX_WORKERS threads (one per processor core).
 
     NumPy releases the GIL inside its array operations, so blocks on other threads run in parallel.
+    OpenBLAS runs on one thread meanwhile, so that its idle threads leave the cores to the workers.
     """
     workers = min(len(starts), os.cpu_count() or 1, MAX_WORKERS)
     if workers <= 1:
         for start in starts:
             function(start)
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(function, starts))
 
 
