@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from symattn import AttentionSpec, InvalidInputError, Mask, SymattnWarning, UnsupportedError, matrix_to_decimals
+from symattn import (
+    AttentionSpec, EvaluationError, InvalidInputError, Mask, SymattnWarning, UnsupportedError, matrix_to_decimals,
+)
 from symattn.numeric import certified, reference
 from symattn.numeric.reference import CertifiedMatrix, compute_reference, stage_names
 from symattn.problem import Problem
@@ -470,12 +472,12 @@ def test_vectorised_path_keeps_exact_zero_logits_exact():
 
 
 def test_reference_of_tiny_weights_reads_out():
-    # Logits about 2^20 apart: most weights are near exp(−10^6), far below any fixed-point grid.
+    # Logits up to 4 · 10^5 apart: most weights are far below any fixed-point grid.
     # They are refined entry by entry, and their decimals come out without converting
-    # million-bit integers to decimal.
+    # hundred-thousand-bit integers to decimal.
     rng = np.random.default_rng(16)
-    Q = rng.standard_normal((16, 8)) * 2.0**10
-    K = rng.standard_normal((16, 8)) * 2.0**10
+    Q = rng.standard_normal((16, 8)) * 2.0**8
+    K = rng.standard_normal((16, 8)) * 2.0**8
     problem = Problem.from_arrays(spec=AttentionSpec(heads=4), direct=True, Q=Q, K=K, V=rng.standard_normal((16, 8)))
     weights = compute_reference(problem, 20, stages=["A_0"])["A_0"].decimals()
     exact = oracle(problem)["weights"][0][5]
@@ -503,3 +505,20 @@ def test_decimal_rounding_of_wide_quotients_matches_exact_division():
         context = decimal.Context(prec=digits, rounding=decimal.ROUND_HALF_EVEN, Emax=10**9, Emin=-(10**9))
         expected = context.divide(decimal.Decimal(numerator), decimal.Decimal(denominator))
         assert str(reference._round_decimal(numerator, denominator, digits)) == str(expected)
+
+
+def test_reference_of_astronomically_small_weights():
+    # Logits about 2^40 apart: the small weights are near exp(−10^12). Their exact endpoints would
+    # need a denominator of 10^12 bits, so they are enclosed below 2^-1048576: every binary format
+    # rounds them to 0, and printing their digits raises an error that says so.
+    rng = np.random.default_rng(18)
+    Q = rng.standard_normal((16, 8)) * 2.0**20
+    K = rng.standard_normal((16, 8)) * 2.0**20
+    problem = Problem.from_arrays(spec=AttentionSpec(heads=4, scale="none"), direct=True, Q=Q, K=K,
+                                  V=rng.standard_normal((16, 8)))
+    weights = compute_reference(problem, 20, stages=["A_0"])["A_0"]
+    logits = Q[:, :2] @ K[:, :2].T
+    values = weights.rounded("float64")
+    assert np.array_equal(values, (logits == logits.max(axis=1, keepdims=True)).astype(float))
+    with pytest.raises(EvaluationError, match=r"below 2\^-1048576 in magnitude"):
+        weights.decimals()

@@ -45,6 +45,16 @@ MAX_REFINE_BITS = 1 << 16
 
 _warned_fallback = False
 
+# Balls entirely below 2^-TINY_BITS in magnitude are enclosed in [−1, 1] · 2^-TINY_BITS (or its
+# nonnegative or nonpositive half) instead: exact endpoints would need a denominator of more than
+# a million bits (exp(−2^40) needs 1.6 · 10^12). Such a value rounds to zero in every binary format.
+TINY_BITS = 1 << 20
+
+
+def is_tiny_enclosure(lo: int, hi: int, den: int) -> bool:
+    """Return whether (lo, hi, den) is the enclosure of a ball below 2^-TINY_BITS (see TINY_BITS)."""
+    return den == 1 << TINY_BITS and lo in (-1, 0) and hi in (0, 1) and lo != hi
+
 
 class StageValues(Protocol):
     """An engine's result for one stage: a shape, a narrowness test and exact endpoints on request."""
@@ -205,7 +215,7 @@ class CertifiedMatrix:
             if special is not None:
                 results[k] = _special_result(special, what)
                 continue
-            result = decide(values.lo[k], values.hi[k], values.den[k])
+            result = self._decide_entry(decide, what, k, values)
             if result is None:
                 pending.append(k)
             results[k] = result
@@ -215,12 +225,22 @@ class CertifiedMatrix:
             finer = self._refined(precision, what, pending)
             still = []
             for k in pending:
-                result = decide(finer.lo[k], finer.hi[k], finer.den[k])
+                result = self._decide_entry(decide, what, k, finer)
                 if result is None:
                     still.append(k)
                 results[k] = result
             pending = still
         return [results[k] for k in chosen]
+
+    def _decide_entry(self, decide: Callable[[int, int, int], object], what: str, k: int, values: Intervals) -> object:
+        lo, hi, den = values.lo[k], values.hi[k], values.den[k]
+        if what.endswith("digits") and is_tiny_enclosure(lo, hi, den):
+            row, column = divmod(k, self.shape[1])
+            raise EvaluationError(
+                f"entry ({row}, {column}) of stage {self.name} is below 2^-{TINY_BITS} in magnitude, too small "
+                f"to print to {what}; it rounds to 0 in every binary format, so read it with rounded()"
+            )
+        return decide(lo, hi, den)
 
     def _refined(self, precision: int, what: str, pending: list[int]) -> Intervals:
         for known, values in self._finer:
@@ -231,8 +251,8 @@ class CertifiedMatrix:
             row, column = divmod(k, self.shape[1])
             raise EvaluationError(
                 f"entry ({row}, {column}) of stage {self.name} could not be rounded to {what} even at "
-                f"{precision // 2} bits; its value may lie exactly on a rounding boundary or be an exact "
-                f"zero reached through cancellation"
+                f"{precision // 2} bits; its value lies on a rounding boundary or closer to one than that "
+                f"precision resolves, or it is an exact zero reached through cancellation"
             )
         values = self._refine(precision).to_intervals()
         self._finer.append((precision, values))

@@ -14,7 +14,7 @@ import numpy as np
 
 from .ieee import BinaryFormat
 from .limbs import approximate, float_limbs, magnitudes, normalize, to_ints
-from .reference import Intervals
+from .reference import TINY_BITS, Intervals
 
 # Entries whose scaled distance to a rounding boundary is below this are left to the exact path.
 BOUNDARY_MARGIN = 2.0**-40
@@ -187,12 +187,19 @@ def _ball_endpoints(middle: int, exponent: int, radius: float, radius_exponent: 
 
 
 def dyadic_ball_endpoints(middle: int, exponent: int, radius: int, radius_exponent: int) -> tuple[int, int, int]:
-    """Return (lo, hi, den) with lo/den = m·2^e − r·2^f and hi/den = m·2^e + r·2^f exactly."""
+    """Return (lo, hi, den) with lo/den = m·2^e − r·2^f and hi/den = m·2^e + r·2^f exactly.
+
+    A ball below 2^-TINY_BITS in magnitude gets the enclosure described at TINY_BITS instead.
+    """
     if radius == 0:
         radius_exponent = exponent
     base = min(exponent, radius_exponent)
     centre = middle << (exponent - base)
     spread = radius << (radius_exponent - base)
+    lo, hi = centre - spread, centre + spread
     if base >= 0:
-        return (centre - spread) << base, (centre + spread) << base, 1
-    return centre - spread, centre + spread, 1 << -base
+        return lo << base, hi << base, 1
+    if -base > TINY_BITS and max(abs(lo), abs(hi)).bit_length() <= -base - TINY_BITS:
+        return -int(lo < 0), int(hi > 0), 1 << TINY_BITS
+    return lo, hi, 1 << -base
+
