@@ -317,7 +317,7 @@ def _dyadic(man_exp: tuple[int, int]) -> Fraction:
 def _round_decimal_by_intervals(numerator: int, denominator: int, digits: int) -> decimal.Decimal | None:
     """Round numerator/denominator as _round_decimal does, or return None where that is not certain.
 
-    A tiny weight such as exp(−2^20) has a denominator of millions of bits. mpmath's interval
+    A tiny weight such as exp(−10^5) has a denominator of about 144000 bits. mpmath's interval
     arithmetic (outward rounding) encloses q = |x| · 10^(digits − 1 − e) for the decimal exponent
     e of x; when the enclosure lies strictly between two half-integers, the integer in between is
     the correctly rounded mantissa.
