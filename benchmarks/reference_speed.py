@@ -11,7 +11,9 @@ float64 inputs, projection weights and biases (seed 0), then prints:
 - peak: the largest memory the certified run allocates, measured by tracemalloc in a separate run.
 
 Each size runs three times; the ratio is certified / numpy per run, and its median is reported.
-The last line reads ``ratio_vs_numpy_float64 128x128x768x12: R``.
+At the largest size, output row 0 is then compared with a computation that shares no code with
+symattn (exact python-flint fmpq_mat projections, arb softmax). The last line reads
+``ratio_vs_numpy_float64 128x128x768x12: R``.
 
 Run it as ``python benchmarks/reference_speed.py`` (add ``--quick`` to skip the mpmath runs).
 """
@@ -120,6 +122,53 @@ def time_mpmath(size: tuple[int, int, int, int]) -> str:
     return f"{float(result.stdout):.2f} s"
 
 
+def independent_row(arrays: dict[str, np.ndarray], heads: int, columns: int = 8) -> list[str]:
+    """Return output row 0, first ``columns`` entries, to DIGITS digits, computed without symattn.
+
+    The projections are exact python-flint fmpq_mat products; the softmax, A·V and the output
+    projection use arb balls at 400 bits. This guards the certified engine's exact products at a
+    size where its integer forms are over 72 bits wide.
+    """
+    from fractions import Fraction
+
+    import flint
+
+    def exact(array: np.ndarray):
+        array = np.atleast_2d(array)
+        entries = [flint.fmpq(*Fraction(float(v)).as_integer_ratio()) for v in array.reshape(-1)]
+        return flint.fmpq_mat(array.shape[0], array.shape[1], entries)
+
+    def ball(value) -> object:
+        return flint.arb(value.p) / value.q
+
+    saved = flint.ctx.prec
+    flint.ctx.prec = 400
+    try:
+        n_kv = arrays["kv_source"].shape[0]
+        ones = flint.fmpq_mat(n_kv, 1, [1] * n_kv)
+        Q = exact(arrays["query_source"][:1]) * exact(arrays["W_Q"]) + exact(arrays["b_Q"])
+        K = exact(arrays["kv_source"]) * exact(arrays["W_K"]) + ones * exact(arrays["b_K"])
+        V = exact(arrays["kv_source"]) * exact(arrays["W_V"]) + ones * exact(arrays["b_V"])
+        d_k = Q.ncols() // heads
+        scale = flint.arb(d_k).sqrt()
+        concat = []
+        for head in range(heads):
+            block = range(head * d_k, (head + 1) * d_k)
+            logits = [ball(sum((Q[0, c] * K[j, c] for c in block), flint.fmpq(0))) / scale for j in range(n_kv)]
+            weights = [z.exp() for z in logits]
+            total = sum(weights, flint.arb(0))
+            concat += [sum((w * ball(V[j, c]) for j, w in enumerate(weights)), flint.arb(0)) / total for c in block]
+        row = []
+        for c in range(columns):
+            value = ball(exact(arrays["b_O"][c:c + 1])[0, 0])
+            for j, weight in enumerate(arrays["W_O"][:, c]):
+                value += concat[j] * ball(flint.fmpq(*Fraction(float(weight)).as_integer_ratio()))
+            row.append(value)
+        return [value.str(DIGITS + 5, radius=False) for value in row]
+    finally:
+        flint.ctx.prec = saved
+
+
 def describe_machine() -> list[str]:
     import flint
 
@@ -135,6 +184,8 @@ def describe_machine() -> list[str]:
 
 
 def main() -> None:
+    from symattn.numeric.reference import compute_reference
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the mpmath engine runs")
     args = parser.parse_args()
@@ -165,7 +216,26 @@ def main() -> None:
         mpmath_time = "skipped" if args.quick else time_mpmath(size)
         print(f"{str(size):30s} {numpy_s * 1e3:8.2f}ms {certified_s * 1e3:9.1f}ms {ratio:7.1f} "
               f"{readout_s * 1e3:7.0f}ms {peak:8.1f}  {mpmath_time}", flush=True)
+    # The last size again, one row against a computation that shares no code with symattn.
+    size = SIZES[-1]
+    arrays = make_arrays(*size[:3])
+    reference = compute_reference(make_problem(arrays, size[3]), DIGITS, stages=["output"])
+    ours = reference.output.decimals()[0][:8]
+    theirs = independent_row(arrays, size[3])
+    agree = [_same_digits(a, b) for a, b in zip(ours, theirs)]
+    print(f"independent check of output row 0 at {size}: {sum(agree)} of {len(agree)} entries agree "
+          f"to {DIGITS} digits")
+    if not all(agree):
+        raise SystemExit(f"certified {ours} differ from the independent computation {theirs}")
     print(f"ratio_vs_numpy_float64 128x128x768x12: {ratios[(128, 128, 768, 12)]:.1f}")
+
+
+def _same_digits(ours: str, theirs: str) -> bool:
+    """Return whether ``theirs`` (a few digits longer) rounds to the certified decimal ``ours``."""
+    import decimal
+
+    context = decimal.Context(prec=DIGITS, rounding=decimal.ROUND_HALF_EVEN)
+    return context.plus(decimal.Decimal(theirs)) == decimal.Decimal(ours)
 
 
 if __name__ == "__main__":

@@ -343,10 +343,12 @@ class VectorisedPipeline:
         shift_limbs = _row_shift_limbs(T[self.k - 1:], visible)[..., None]
         # m_i · 2^F has the limbs of m_i · 2^24 shifted up by k − 1 places, because F − 24 = 24 · (k − 1).
         count = max(shift_limbs.shape[0] + self.k - 1, T.shape[0]) + 1
-        u = np.negative(_pad(T, count))
+        u = np.zeros((count,) + T.shape[1:])
+        np.negative(T, out=u[:T.shape[0]])
         u[self.k - 1:self.k - 1 + shift_limbs.shape[0]] += shift_limbs
         normalize(u)
-        u = np.where(visible[None], u, 0.0)
+        if not visible.all():
+            u *= visible  # hidden keys get u = 0; their exponentials are set to 0 afterwards
         if np.any(u[-1] < 0):
             raise EvaluationError("internal error: a shifted logit came out negative; please report this case")
         self.u = u
@@ -356,10 +358,11 @@ class VectorisedPipeline:
         u = self.u
         shape = u.shape[1:]
         E = exp_negative(u.reshape(u.shape[0], -1), self.k).reshape((self.k + 1,) + shape)
-        E[:, ~self.visible] = 0.0
+        if not self.visible.all():
+            E[:, ~self.visible] = 0.0
         # exp is 1-Lipschitz for u ≥ 0, so the logit error adds to the exp error.
         self.E_error = exp_error(self.k) + self.T_error
-        sums = normalize(_pad(E, E.shape[0] + 2).sum(axis=3))  # exact: limb sums stay below n_kv · 2^24
+        sums = normalize(_pad(E.sum(axis=3), E.shape[0] + 2))  # exact: limb sums stay below n_kv · 2^24
         self.S = to_ints(sums)  # per (head, query), units 2^-F
         self.empty = self.visible_count == 0
         return E
