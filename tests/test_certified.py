@@ -522,3 +522,16 @@ def test_reference_of_astronomically_small_weights():
     assert np.array_equal(values, (logits == logits.max(axis=1, keepdims=True)).astype(float))
     with pytest.raises(EvaluationError, match=r"below 2\^-1048576 in magnitude"):
         weights.decimals()
+
+
+def test_single_threaded_blas_restores_thread_counts():
+    from symattn.numeric.blas import _openblas_pools, single_threaded_blas
+
+    pools = _openblas_pools()
+    if not pools:
+        pytest.skip("no OpenBLAS with openblas_set_num_threads is loaded in this process")
+    before = [get() for get, _ in pools]
+    with single_threaded_blas():
+        assert [get() for get, _ in pools] == [1] * len(pools)
+        assert np.array_equal(np.eye(3) @ np.arange(9.0).reshape(3, 3), np.arange(9.0).reshape(3, 3))
+    assert [get() for get, _ in pools] == before

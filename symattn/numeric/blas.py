@@ -22,13 +22,14 @@ _lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
-def _openblas_threads() -> tuple[object, object] | None:
-    """Return (get_num_threads, set_num_threads) of the loaded OpenBLAS, or None."""
+def _openblas_pools() -> tuple[tuple[object, object], ...]:
+    """Return (get_num_threads, set_num_threads) for every loaded OpenBLAS (NumPy's, PyTorch's, …)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        return None
+        return ()
+    pools = []
     for path in paths:
         try:
             library = ctypes.CDLL(path)
@@ -40,25 +41,24 @@ def _openblas_threads() -> tuple[object, object] | None:
             if getter is not None and setter is not None:
                 getter.restype = ctypes.c_int
                 setter.argtypes = [ctypes.c_int]
-                return getter, setter
-    return None
+                pools.append((getter, setter))
+                break
+    return tuple(pools)
 
 
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """Run the block with OpenBLAS limited to one thread, then restore its thread count."""
-    threads = _openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, set_ = threads
+    """Run the block with every OpenBLAS limited to one thread, then restore their thread counts."""
     with _lock:
-        previous = get()
-        if previous > 1:
-            set_(1)
+        restore = []
+        for get, set_ in _openblas_pools():
+            previous = get()
+            if previous > 1:
+                set_(1)
+                restore.append((set_, previous))
     try:
         yield
     finally:
-        if previous > 1:
-            with _lock:
+        with _lock:
+            for set_, previous in restore:
                 set_(previous)
