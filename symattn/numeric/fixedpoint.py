@@ -202,7 +202,8 @@ def _exp_negative_block(u: np.ndarray, k: int) -> np.ndarray:
             continue
         # p ← coefficient − r · p, in the product's own array. The product is below 2^-24, so the
         # limbs above kept + 1 are zero once normalised.
-        product = _pad(multiply_truncated(r_kept, p, kept - 1, normalized=False), kept + 1)
+        product = multiply_truncated(r_kept, p, kept - 1, normalized=False)
+        product = _pad(product, max(kept + 1, product.shape[0]))  # pads only, never drops limbs
         np.negative(product, out=product)
         product[:kept + 1] += coefficient
         p = normalize(product)[:kept + 1]
