@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import EvaluationError
 from ..exact_arrays import lowest_bit_exponent
 from ..problem import Problem
+from .blas import single_threaded_blas
 from .fixedpoint import exp_error, exp_negative, multiply_truncated, product_error
 from .limbs import (
     LIMB_BITS, CapacityError, approximate, float_limbs, from_ints, limb_count, normalize, primes_for, signed_chunks,
@@ -551,9 +552,11 @@ def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarra
         primes.reduce_rows(block)
 
     # One thread: two workers made this slower (15 ms against 9 ms for 7 primes of a 768 × 768 W),
-    # because each block is many short NumPy calls that wait for the GIL.
-    for start in range(0, rows, WEIGHT_ROWS):
-        convert(start)
+    # because each block is many short NumPy calls that wait for the GIL. The small products per
+    # block (3 rows deep) run on one BLAS thread as well, so the pool does not wake for each.
+    with single_threaded_blas():
+        for start in range(0, rows, WEIGHT_ROWS):
+            convert(start)
     return primes.reduce_array(np.matmul(left, right))
 
 
