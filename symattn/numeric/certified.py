@@ -426,8 +426,10 @@ class VectorisedPipeline:
         V_heads = V_limbs.reshape(-1, n_kv, h, d_v).transpose(0, 2, 1, 3)
         EV, _ = self._product_of_limbs(E, self.F + 1, V_heads, V_bits, n_kv)
 
-        # O_i = EV / S in fixed point: value O · 2^O_exponent with about F + 8 bits.
-        O_exponent = V_exponent + V_bits - (self.F + 8)
+        # O_i = EV / S in fixed point: value O · 2^O_exponent with about F + 5 bits. The exp errors
+        # already make the radius thousands of units; three more bits would cost the output
+        # projection a prime at (128, 128, 768, 12).
+        O_exponent = V_exponent + V_bits - (self.F + 5)
         R, d, R_bits = self._reciprocals(V_exponent - O_exponent)
         drop = max(0, (LIMB_BITS * d - R_bits - 2) // LIMB_BITS)  # low EV limbs worth < 1/4 unit
         # EV keeps its sign: multiply_truncated's error bound holds on either side for a signed top limb.
@@ -479,14 +481,13 @@ class VectorisedPipeline:
         out_exponent = product_exponent if b is None else min(product_exponent, b.exponent)
         concat_bits = _bits_of_limbs(limbs)
         inner = W.values.shape[0]
-        product_bits = concat_bits + W.bits + math.ceil(math.log2(max(inner, 2))) + 1
+        # |concat · W_O| ≤ bound · 2^scale in units of 2^out_exponent; first the bound from bit lengths.
+        scale = concat_bits + W.bits + product_exponent - out_exponent
+        bound = 2.0 ** (math.ceil(math.log2(max(inner, 2))) + 1)
         W_scaled = np.abs(np.ldexp(W.values, -W.bits))
-        if _could_save_a_prime(product_bits + product_exponent - out_exponent, inner):
-            bound = _product_bound(_magnitudes(limbs, concat_bits), W_scaled)
-            product_bits = min(product_bits, math.frexp(bound * (1 + 2.0**-50))[1] + concat_bits + W.bits)
-        bits = product_bits + product_exponent - out_exponent
-        if b is not None:
-            bits = max(bits, b.bits + b.exponent - out_exponent) + 1
+        if _could_save_a_prime(_bits_with_bias(bound, scale, b, out_exponent), inner):
+            bound = min(bound, _product_bound(_magnitudes(limbs, concat_bits), W_scaled))
+        bits = _bits_with_bias(bound, scale, b, out_exponent)
         primes = primes_for(bits, W.values.shape[0])
         factors = primes.recombination_factors(product_exponent - out_exponent)
         residues = _product_residues(primes.residues_of_limbs(limbs, factors), W, primes)
@@ -505,6 +506,21 @@ class VectorisedPipeline:
         out_nan = np.repeat(nan.any(axis=1)[:, None], W.values.shape[1], axis=1)
         self.results["output"] = _ball(output, out_exponent, np.where(out_nan, 0.0, out_radius).reshape(-1), exponent,
                                        nan=out_nan.reshape(-1))
+
+
+def _bits_with_bias(bound: float, scale: int, b: "IntegerMatrix | None", exponent: int) -> int:
+    """Return bits with |P + b| < 2^bits, for |P| ≤ bound · 2^scale and the bias b in units of 2^exponent.
+
+    Adding the two bounds as floats costs at most a bit where the bias is as large as the product,
+    and nothing where it is much smaller (a bit-length bound would add one bit either way).
+    """
+    if b is None:
+        return math.frexp(bound * (1 + 2.0**-50))[1] + scale
+    b_bound = math.ldexp(max(float(b.values.max()), -float(b.values.min())), -b.bits)  # |b| ≤ b_bound · 2^b_scale
+    b_scale = b.bits + b.exponent - exponent
+    top = max(scale, b_scale)
+    total = math.ldexp(bound, scale - top) + math.ldexp(b_bound, b_scale - top) + 2.0**-1000
+    return math.frexp(total * (1 + 2.0**-50))[1] + top
 
 
 def _rounded_up(value, terms: int):
