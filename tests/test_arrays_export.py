@@ -131,6 +131,18 @@ def test_read_truncated_npz(reference, tmp_path):
         read_reference(path)
 
 
+def test_read_npz_with_encrypted_member(reference, tmp_path):
+    # A member flagged as encrypted makes zipfile raise RuntimeError; it must read as a damaged file.
+    path = tmp_path / "ref.npz"
+    write_reference(reference, path)
+    data = bytearray(path.read_bytes())
+    directory = data.index(b"PK\x01\x02")  # the first central directory entry
+    data[directory + 8] |= 0x01  # general purpose flag bit 0: encrypted
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidInputError, match="not a readable .npz archive"):
+        read_reference(path)
+
+
 def test_read_npz_without_format(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, x=np.ones(2))

@@ -416,6 +416,17 @@ def test_npz_case_reader_unknown_zip_version(tmp_path):
         load_case(path)
 
 
+def test_npz_case_reader_encrypted_member(tmp_path):
+    # zipfile raises RuntimeError for a member whose flags say it is encrypted.
+    data = bytearray(NPZ_SEEDS[0])
+    central_entry = data.index(b"PK\x01\x02")
+    data[central_entry + 8] |= 0x01  # general purpose flag bit 0: encrypted
+    path = tmp_path / "case.npz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidInputError, match="is not a readable .npz archive"):
+        load_case(path)
+
+
 @FUZZ_SETTINGS
 @given(mutated_bytes([CASE_TOML_SEED]))
 def test_toml_case_reader_mutated_bytes(tmp_path, data):

@@ -85,8 +85,9 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, Any]]:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             _check_member_sizes(archive, path)
             arrays = {name: _npz_member(archive, name, path) for name in archive.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as error:
         # NotImplementedError: a zip version or compression method that zipfile cannot read.
+        # RuntimeError: a member flagged as encrypted.
         raise InvalidInputError(
             f"case file {str(path)!r} is not a readable .npz archive ({error}); it may be "
             f"truncated or corrupt, so write it again with numpy.savez"
