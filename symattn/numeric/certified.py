@@ -549,31 +549,43 @@ def _could_save_a_prime(bits: int, inner: int) -> bool:
 
 
 # Rows of a weight matrix per block when its residues are computed: a block's chunks and residues
-# for all primes then stay in the processor cache between the steps.
+# for a group of primes then stay in the processor cache between the steps.
 WEIGHT_ROWS = 16
+# Primes whose weight residues are made at once (4 · 768 · 768 float64 is 19 MB).
+PRIME_GROUP = 4
 
 
 def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarray:
-    """Return the residues (P, n, d_out) of left_int @ W_int from left's residues (P, n, d_in)."""
+    """Return the residues (P, n, d_out) of left_int @ W_int from left's residues (P, n, d_in).
+
+    W is split into chunks once; its residues are then made PRIME_GROUP primes at a time in one
+    reused array, each group followed by its BLAS products. Arrays over 32 MiB are fresh pages
+    from the system on every call, and this virtual machine's page faults cost more than the
+    arithmetic they feed (one array for 13 primes of a 768 × 768 W is 61 MB).
+    """
     rows, columns = W.values.shape
     count, width = primes.chunking(W.bits)
     weights = primes.chunk_weights(count, width)
-    right = np.empty((len(primes), rows, columns))
-
-    def convert(start: int) -> None:
-        stop = min(start + WEIGHT_ROWS, rows)
-        chunks = signed_chunks(W.values[start:stop], count, width)
-        block = right[:, start:stop].reshape(len(primes), -1)  # a view: rows of one prime are contiguous
-        np.matmul(weights, chunks.reshape(count, -1), out=block)
-        primes.reduce_rows(block)
-
-    # One thread: two workers made this slower (15 ms against 9 ms for 7 primes of a 768 × 768 W),
-    # because each block is many short NumPy calls that wait for the GIL. The small products per
-    # block (3 rows deep) run on one BLAS thread as well, so the pool does not wake for each.
+    group = min(len(primes), PRIME_GROUP)
+    chunks = np.empty((count, rows, columns))
+    right = np.empty((group, rows, columns))
+    out = np.empty((len(primes),) + left.shape[1:-1] + (columns,))
+    # One thread: two workers made the conversion slower (15 ms against 9 ms for 7 primes of a
+    # 768 × 768 W), because each block is many short NumPy calls that wait for the GIL. The small
+    # products per block (3 rows deep) run on one BLAS thread as well.
     with single_threaded_blas():
         for start in range(0, rows, WEIGHT_ROWS):
-            convert(start)
-    return primes.reduce_array(np.matmul(left, right))
+            chunks[:, start:start + WEIGHT_ROWS] = signed_chunks(W.values[start:start + WEIGHT_ROWS], count, width)
+    for first in range(0, len(primes), group):
+        size = min(group, len(primes) - first)
+        with single_threaded_blas():
+            for start in range(0, rows, WEIGHT_ROWS):
+                stop = min(start + WEIGHT_ROWS, rows)
+                block = right[:size, start:stop].reshape(size, -1)  # a view: rows of one prime are contiguous
+                np.matmul(weights[first:first + size], chunks[:, start:stop].reshape(count, -1), out=block)
+                primes.reduce_rows(block, first)
+        np.matmul(left[first:first + size], right[:size], out=out[first:first + size])
+    return primes.reduce_array(out)
 
 
 def _exact(limbs: np.ndarray, exponent: int, factor: Fraction = Fraction(1), added: np.ndarray | None = None,

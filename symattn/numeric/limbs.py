@@ -237,8 +237,8 @@ class PrimeSet:
         self.reduce_rows(values.reshape(len(self.primes), -1))
         return values
 
-    def reduce_rows(self, rows: np.ndarray) -> None:
-        """Reduce a (P, n) array or view with |values| < 2^52 in place, row k modulo prime k.
+    def reduce_rows(self, rows: np.ndarray, first: int = 0) -> None:
+        """Reduce a (P, n) array or view with |values| < 2^52 in place, row k modulo prime first + k.
 
         The work runs in blocks of REDUCE_BLOCK entries with one scratch block, so no temporary
         as large as ``rows`` is allocated (large ones are freshly mapped pages, which cost more
@@ -246,8 +246,8 @@ class PrimeSet:
         """
         width = rows.shape[1]
         scratch = np.empty(min(width, REDUCE_BLOCK))
-        for k in range(len(self.primes)):
-            inverse, p = self.inverse_p[k], self.p[k]
+        for k in range(rows.shape[0]):
+            inverse, p = self.inverse_p[first + k], self.p[first + k]
             for start in range(0, width, REDUCE_BLOCK):
                 block = rows[k, start:start + REDUCE_BLOCK]
                 quotient = scratch[:block.shape[0]]
