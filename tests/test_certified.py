@@ -509,8 +509,8 @@ def test_decimal_rounding_of_wide_quotients_matches_exact_division():
 
 def test_reference_of_astronomically_small_weights():
     # Logits about 2^40 apart: the small weights are near exp(−10^12). Their exact endpoints would
-    # need a denominator of 10^12 bits, so they are enclosed below 2^-1048576: every binary format
-    # rounds them to 0, and printing their digits raises an error that says so.
+    # need a denominator of 10^12 bits, so they are enclosed below 2^-1048576. Every binary format
+    # rounds them to 0, and printing their digits raises an error that explains why.
     rng = np.random.default_rng(18)
     Q = rng.standard_normal((16, 8)) * 2.0**20
     K = rng.standard_normal((16, 8)) * 2.0**20

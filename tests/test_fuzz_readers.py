@@ -417,7 +417,7 @@ def test_npz_case_reader_unknown_zip_version(tmp_path):
 
 
 def test_npz_case_reader_encrypted_member(tmp_path):
-    # zipfile raises RuntimeError for a member whose flags say it is encrypted.
+    # zipfile raises RuntimeError for a member whose flag bits mark it as encrypted.
     data = bytearray(NPZ_SEEDS[0])
     central_entry = data.index(b"PK\x01\x02")
     data[central_entry + 8] |= 0x01  # general purpose flag bit 0: encrypted

@@ -285,7 +285,7 @@ def _read_npz(data: bytes, where: str) -> ReferenceFile:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             members = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as error:
-        # RuntimeError: zipfile's answer to a member flagged as encrypted.
+        # RuntimeError: zipfile raises it for a member flagged as encrypted.
         raise InvalidInputError(
             f"reference file {where!r} is not a readable .npz archive ({error}); it may be truncated "
             f"or corrupt, so export it again"

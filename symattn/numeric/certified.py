@@ -165,6 +165,10 @@ class IntegerMatrix:
         values = np.ldexp(array, -base)
         return cls(values, base, math.frexp(largest)[1] - base)
 
+    def largest_scaled(self) -> float:
+        """Return max |values| · 2^-bits, at most 1."""
+        return math.ldexp(max(float(self.values.max()), -float(self.values.min()), 0.0), -self.bits)
+
     def chunks(self) -> np.ndarray:
         """Return 24-bit chunks c with values = Σ_j c[j] · 2^(24·j), shape (J, *shape): normalised limbs."""
         return float_limbs(self.values, max(1, math.ceil((self.bits + 1) / LIMB_BITS)))
@@ -235,13 +239,13 @@ class VectorisedPipeline:
         # |X W| ≤ (largest row sum of |X|) · max |W|, which costs one pass over the small X. The
         # product's bound can be a few bits tighter: it is computed only when those bits could save a prime.
         inner = X.values.shape[1]
-        W_largest = math.ldexp(max(float(W.values.max()), -float(W.values.min())), -W.bits)
-        bits = self._product_bits(_rounded_up(float(X_scaled.sum(axis=1).max()), inner) * W_largest,
-                                  X, W, b, product_exponent, exponent)
+        scale = X.bits + W.bits + product_exponent - exponent  # |X W| ≤ bound · 2^scale, units 2^exponent
+        bound = _rounded_up(float(X_scaled.sum(axis=1).max()), inner) * W.largest_scaled()
+        bits = _bits_with_bias(bound, scale, b, exponent)
         if _could_save_a_prime(bits, inner):
             W_scaled = np.abs(np.ldexp(W.values, -W.bits))
-            bits = self._product_bits(_product_bound(X_scaled, W_scaled), X, W, b, product_exponent, exponent)
-        primes = primes_for(bits, X.values.shape[1])
+            bits = _bits_with_bias(_product_bound(X_scaled, W_scaled), scale, b, exponent)
+        primes = primes_for(bits, inner)
         # The power of two that aligns the exponents and the recombination factors ride on X's residues.
         factors = primes.recombination_factors(product_exponent - exponent)
         residues = _product_residues(primes.residues_of_floats(X.chunks(), LIMB_BITS, factors), W, primes)
@@ -250,22 +254,13 @@ class VectorisedPipeline:
             residues = primes.reduce_array(residues + bias)  # bias (P, 1, d) broadcasts over rows
         return primes.to_limbs(residues, limb_count(bits), recombining=True), exponent, bits
 
-    @staticmethod
-    def _product_bits(bound: float, X: IntegerMatrix, W: IntegerMatrix, b: IntegerMatrix | None,
-                      product_exponent: int, exponent: int) -> int:
-        """Return the bits of X W + b given a float64 bound on |X W| · 2^-(X.bits + W.bits)."""
-        bits = math.frexp(bound * (1 + 2.0**-50))[1] + X.bits + W.bits + product_exponent - exponent
-        if b is not None:
-            bits = max(bits, b.bits + b.exponent - exponent) + 1
-        return bits
-
     def _product_of_limbs(self, left: np.ndarray, left_bits: int, right: np.ndarray, right_bits: int,
                           inner: int) -> tuple[np.ndarray, int]:
         """Return (limbs, bits) of the exact batched product left @ right of limb arrays (L, ..., m, inner) @ (L, ..., inner, n)."""
         bits = left_bits + right_bits + math.ceil(math.log2(max(inner, 2))) + 1
         if _could_save_a_prime(bits, inner):
             bound = _product_bound(_magnitudes(left, left_bits), _magnitudes(right, right_bits))
-            bits = min(bits, math.frexp(bound * (1 + 2.0**-50))[1] + left_bits + right_bits)
+            bits = min(bits, _bits_with_bias(bound, left_bits + right_bits, None, 0))
         primes = primes_for(bits, inner)
         # The recombination factors ride on the smaller factor's residues.
         factors = primes.recombination_factors()
@@ -516,8 +511,7 @@ def _bits_with_bias(bound: float, scale: int, b: "IntegerMatrix | None", exponen
     """
     if b is None:
         return math.frexp(bound * (1 + 2.0**-50))[1] + scale
-    b_bound = math.ldexp(max(float(b.values.max()), -float(b.values.min())), -b.bits)  # |b| ≤ b_bound · 2^b_scale
-    b_scale = b.bits + b.exponent - exponent
+    b_bound, b_scale = b.largest_scaled(), b.bits + b.exponent - exponent  # |b| ≤ b_bound · 2^b_scale
     top = max(scale, b_scale)
     total = math.ldexp(bound, scale - top) + math.ldexp(b_bound, b_scale - top) + 2.0**-1000
     return math.frexp(total * (1 + 2.0**-50))[1] + top
@@ -558,10 +552,10 @@ PRIME_GROUP = 4
 def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarray:
     """Return the residues (P, n, d_out) of left_int @ W_int from left's residues (P, n, d_in).
 
-    W is split into chunks once; its residues are then made PRIME_GROUP primes at a time in one
-    reused array, each group followed by its BLAS products. Arrays over 32 MiB are fresh pages
-    from the system on every call, and this virtual machine's page faults cost more than the
-    arithmetic they feed (one array for 13 primes of a 768 × 768 W is 61 MB).
+    W is split into chunks once. Its residues are then made PRIME_GROUP primes at a time in one
+    reused array, and each group is multiplied right away. glibc maps arrays over 32 MiB as fresh
+    pages on every call, and page faults cost more than the arithmetic they feed (one array for
+    13 primes of a 768 × 768 W would be 61 MB).
     """
     rows, columns = W.values.shape
     count, width = primes.chunking(W.bits)
@@ -605,7 +599,7 @@ def _ball(limbs: np.ndarray, exponent: int, radius: np.ndarray, radius_exponent:
 def _row_shift_limbs(top: np.ndarray, visible: np.ndarray) -> np.ndarray:
     """Return limbs (L, h, n_q) of 1 + the largest visible integer per row of ``top`` (L, h, n_q, n_kv).
 
-    ``top`` holds normalised limbs. Their float64 values are exact below 2^53; rows with an entry
+    ``top`` contains normalised limbs. Their float64 values are exact below 2^53; rows with an entry
     beyond that are compared as Python integers. A row with no visible key gets 0.
     """
     values = approximate(top)

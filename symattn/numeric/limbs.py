@@ -77,7 +77,7 @@ def signed_chunks(values: np.ndarray, count: int, width: int) -> np.ndarray:
 
 
 def from_ints(values: list[int], count: int) -> np.ndarray:
-    """Return the limbs of Python ints (shape (count, len(values))); each must fit in count limbs.
+    """Return the limbs (count, len(values)) of Python ints, each of which must fit in count limbs.
 
     The low limbs travel as little-endian bytes (three per limb) through one NumPy buffer, so the
     Python work is one to_bytes call per value.
@@ -264,9 +264,10 @@ class PrimeSet:
         return weights
 
     def chunking(self, bits: int) -> tuple[int, int]:
-        """Return (count, width): the fewest chunks of ``width`` bits that hold integers below 2^bits for residues_of_floats.
+        """Return (count, width): the fewest chunks of ``width`` bits that represent integers below 2^bits.
 
-        A chunk times a symmetric weight (at most 2^23) summed over ``count`` chunks must stay below 2^52.
+        residues_of_floats needs each chunk times a symmetric weight (at most 2^23), summed over
+        ``count`` chunks, to stay below 2^52.
         """
         for count in range(1, 64):
             width = max(1, math.ceil(bits / count))
@@ -296,8 +297,9 @@ class PrimeSet:
     def residues_of_floats(self, chunks: np.ndarray, chunk_bits: int, factors: np.ndarray | None = None) -> np.ndarray:
         """Return residues of integers given as float chunks x = Σ_c chunks[c] · 2^(chunk_bits · c).
 
-        Chunks must be integers below 2^24 in magnitude; this is the same computation as for limbs
-        with another chunk width, ``factors`` included.
+        The chunks are integers whose products with symmetric weights (at most 2^23), summed over
+        the chunks, stay below 2^52: chunks below 2^24 always do, and wider ones as chunking()
+        chooses them. This is the same computation as for limbs with another chunk width.
         """
         count = chunks.shape[0]
         residues = self._weights(count, chunk_bits, factors) @ chunks.reshape(count, -1)
