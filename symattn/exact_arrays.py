@@ -49,19 +49,20 @@ def lowest_bit_exponent(array: np.ndarray) -> int | None:
     fraction · 2**-1074. The lowest set bit of each entry is then a float64 power of two.
     """
     every_bit = np.ascontiguousarray(array, dtype=np.float64).reshape(-1).view(np.int64)
-    smallest = math.inf
+    none = 1 << 20  # above every exponent a float64 bit can have
+    smallest = none
     # Blocks keep the temporary arrays small, so they are reused instead of newly mapped each time.
     for start in range(0, every_bit.size, 1 << 15):
         bits = every_bit[start:start + (1 << 15)]
         biased = (bits >> 52) & 0x7FF
         significand = bits & ((1 << 52) - 1)
-        significand |= (biased > 0).astype(np.int64) << 52
-        lowest = (significand & -significand).astype(np.float64)  # a power of two below 2**53, exact
-        values = np.ldexp(lowest, (np.maximum(biased, 1) - 1075).astype(np.int32))  # at least 2**-1074, exact
-        smallest = min(smallest, float(np.min(np.where(lowest > 0, values, np.inf))))
-    if smallest == math.inf:
-        return None
-    return math.frexp(smallest)[1] - 1
+        significand |= (biased != 0).astype(np.int64) << 52
+        lowest = significand & -significand  # the lowest set bit, a power of two below 2**53
+        # As a float64 that power of two is exact, and its biased exponent is 1023 + the bit's position.
+        exponents = (lowest.astype(np.float64).view(np.int64) >> 52) + (np.maximum(biased, 1) - 1075 - 1023)
+        exponents[significand == 0] = none  # zeros have no lowest bit
+        smallest = min(smallest, int(exponents.min()))
+    return None if smallest == none else smallest
 
 
 def float_array_to_rationals(array: np.ndarray) -> list[list[sp.Rational]]:

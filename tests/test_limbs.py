@@ -164,3 +164,34 @@ def test_to_ints_of_unnormalised_limbs():
     # Limbs straight out of a sum: a low limb at 2^24 + 5 and another at −3.
     limbs = np.array([[2.0**24 + 5, -3.0], [1.0, 2.0], [-1.0, 0.0]])
     assert to_ints(limbs) == [2**24 + 5 + 2**24 - 2**48, -3 + 2 * 2**24]
+
+
+@pytest.mark.parametrize("width", [1, 7, 10_000, 40_001])  # 40_001: several column blocks, a short last one
+def test_reduce_rows_symmetric(width):
+    primes = primes_for(200, 768)
+    rng = np.random.default_rng(width)
+    rows = rng.integers(-(1 << 51), 1 << 51, (len(primes), width)).astype(np.float64)
+    first = 2  # rows 0.. of the view belong to primes 2, 3, …
+    view = rows[: len(primes) - first]
+    untouched = rows[len(primes) - first:].copy()
+    expected = [[int(v) % p for v in row.tolist()] for row, p in zip(view, primes.primes[first:])]
+    primes.reduce_rows(view, first)
+    for row, residues, p in zip(view.tolist(), expected, primes.primes[first:]):
+        assert max(abs(r) for r in row) <= (p + 1) // 2
+        assert [int(r) % p for r in row] == residues
+    assert np.array_equal(rows[len(primes) - first:], untouched)  # rows outside the view stay as they were
+
+
+@pytest.mark.parametrize("array", [
+    np.array([[0.75, -3.0], [1e10, 2.0**-30]]),  # 2^-base is a normal float64: multiplied
+    np.array([[2.0**-1070, -3 * 2.0**-900]]),  # 2^1070 overflows float64: ldexp scales instead
+    np.array([[2.0**1000, 2.0**990 * 3]]),  # base above 1023
+])
+def test_integer_matrix_exact(array):
+    from symattn.numeric.certified import IntegerMatrix
+
+    matrix = IntegerMatrix.from_array(array)
+    for value, integer in zip(array.reshape(-1).tolist(), matrix.values.reshape(-1).tolist()):
+        assert Fraction(value) == Fraction(int(integer)) * Fraction(2) ** matrix.exponent
+        assert integer == int(integer)
+    assert max(abs(int(v)) for v in matrix.values.reshape(-1).tolist()).bit_length() == matrix.bits

@@ -161,8 +161,9 @@ class IntegerMatrix:
         largest = max(float(array.max()), -float(array.min()))
         if math.frexp(largest)[1] - base > MAX_INPUT_BITS:
             return None
-        # Every value is a multiple of 2^base, so the scaling is exact.
-        values = np.ldexp(array, -base)
+        # Every value is a multiple of 2^base, so the scaling is exact. Where 2^-base is a normal
+        # float64, a product takes 0.4 ms for 768 × 768 entries and ldexp 3.7 ms.
+        values = array * 2.0**-base if -1022 <= -base <= 1023 else np.ldexp(array, -base)
         return cls(values, base, math.frexp(largest)[1] - base)
 
     def largest_scaled(self) -> float:
@@ -545,6 +546,9 @@ def _could_save_a_prime(bits: int, inner: int) -> bool:
 # Rows of a weight matrix per block when its residues are computed: a block's chunks and residues
 # for a group of primes then stay in the processor cache between the steps.
 WEIGHT_ROWS = 16
+# Rows per block when a weight matrix is split into chunks. This runs once per weight, not once
+# per prime, so longer NumPy calls matter more here than cache-sized blocks.
+CHUNK_ROWS = 64
 # Primes whose weight residues are made at once (4 · 768 · 768 float64 is 19 MB).
 PRIME_GROUP = 4
 
@@ -568,8 +572,8 @@ def _product_residues(left: np.ndarray, W: "IntegerMatrix", primes) -> np.ndarra
     # 768 × 768 W), because each block is many short NumPy calls that wait for the GIL. The small
     # products per block (3 rows deep) run on one BLAS thread as well.
     with single_threaded_blas():
-        for start in range(0, rows, WEIGHT_ROWS):
-            chunks[:, start:start + WEIGHT_ROWS] = signed_chunks(W.values[start:start + WEIGHT_ROWS], count, width)
+        for start in range(0, rows, CHUNK_ROWS):
+            chunks[:, start:start + CHUNK_ROWS] = signed_chunks(W.values[start:start + CHUNK_ROWS], count, width)
     for first in range(0, len(primes), group):
         size = min(group, len(primes) - first)
         with single_threaded_blas():
