@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..gradients import ROLE_NAMES, grad, parse_objective, source_roles
 from ..loaders import load_derivation_file
 from ..numeric.balls import certified_decimals
 from ..numeric.decimals import check_digits
-from . import EXIT_OK, EXIT_VERIFICATION_FAILED
+from . import EXIT_OK
 from .derive import add_output_options, add_pdf, write_and_report
 
 # An exact entry longer than this many characters prints as its decimal value instead.
@@ -125,22 +124,13 @@ def verify_gradients(args: argparse.Namespace, case: object, started: float) -> 
     Prints the report (a table, or JSON with --json) and returns 0 when every gradient is
     within tolerance and 1 otherwise.
     """
-    from ..verify import Tolerance
     from ..verify.autograd import compare_problem_gradients
+    from .verify import tolerance_option, write_report
 
     check_digits(args.digits)
-    tolerance = None
-    if args.ulps is not None or args.rtol is not None or args.atol is not None:
-        tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
-    report = compare_problem_gradients(case.problem, digits=args.digits, tolerance=tolerance)
-    sys.stdout.write(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n" if args.json else report.to_table())
-    form = "JSON" if args.json else "a table"
-    print(
-        f"symattn: verified the gradients of {args.case} in {time.perf_counter() - started:.2f} s; wrote the "
-        f"report as {form} to stdout and no files",
-        file=sys.stderr,
-    )
-    return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED
+    report = compare_problem_gradients(case.problem, digits=args.digits, tolerance=tolerance_option(args))
+    text = json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n" if args.json else report.to_table()
+    return write_report(args, text, f"the gradients of {args.case}", started, report.passed)
 
 
 def _objective(text: str) -> str | tuple[str, int, int]:

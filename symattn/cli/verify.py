@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify import Tolerance, load_case, verify
+    from ..verify import load_case, verify
 
     started = time.perf_counter()
     case = load_case(args.case)
@@ -55,9 +55,6 @@ def run(args: argparse.Namespace) -> int:
             f"case {args.case!r} has no 'output' array, so there is nothing to verify; add the "
             f"implementation's output, or export references with `symattn reference`"
         )
-    tolerance = None
-    if args.ulps is not None or args.rtol is not None or args.atol is not None:
-        tolerance = Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
     with progress_bar() as progress:
         report = verify(
             case.problem,
@@ -66,17 +63,30 @@ def run(args: argparse.Namespace) -> int:
             average_weights=case.average_weights,
             head_outputs=case.head_outputs,
             dtype=case.dtype,
-            tolerance=tolerance,
+            tolerance=tolerance_option(args),
             digits=args.digits,
             engine=args.engine,
             progress=progress,
         )
-    sys.stdout.write(report.to_json() if args.json else report.to_table())
-    elapsed = time.perf_counter() - started
+    return write_report(args, report.to_json() if args.json else report.to_table(), args.case, started, report.passed)
+
+
+def tolerance_option(args: argparse.Namespace):
+    """Return the Tolerance that --ulps, --rtol and --atol give, or None for the default."""
+    from ..verify import Tolerance
+
+    if args.ulps is None and args.rtol is None and args.atol is None:
+        return None
+    return Tolerance(ulps=args.ulps, rtol=args.rtol, atol=args.atol)
+
+
+def write_report(args: argparse.Namespace, text: str, subject: str, started: float, passed: bool) -> int:
+    """Write a verification report to stdout and a one-line summary to stderr; return the exit code."""
+    sys.stdout.write(text)
     form = "JSON" if args.json else "a table"
     print(
-        f"symattn: verified {args.case} in {elapsed:.2f} s; wrote the report as {form} to stdout "
-        f"and no files",
+        f"symattn: verified {subject} in {time.perf_counter() - started:.2f} s; wrote the report as {form} "
+        f"to stdout and no files",
         file=sys.stderr,
     )
-    return EXIT_OK if report.passed else EXIT_VERIFICATION_FAILED
+    return EXIT_OK if passed else EXIT_VERIFICATION_FAILED
