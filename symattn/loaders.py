@@ -208,8 +208,7 @@ def _parse_mask(table: Any, where: str) -> Mask:
             raise InvalidInputError(
                 f"{where}.{key} is missing; a mask needs kind (keep, block or additive) and values"
             )
-    with _key_path(where):
-        return Mask.create(table["kind"], _infinities_as_text(table["values"]))
+    return Mask.create(table["kind"], _infinities_as_text(table["values"]), where)
 
 
 def _infinities_as_text(values: Any) -> Any:

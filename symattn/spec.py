@@ -49,6 +49,15 @@ def _flatten_nested(values: Any, where: str) -> tuple[tuple[int, ...], list]:
     return (len(values),), list(values)
 
 
+def _position(index: int, shape: tuple[int, ...]) -> str:
+    """Return the row-major ``index`` of an entry as its position in ``shape``: "[1, 2]" for (query 1, key 2)."""
+    position = []
+    for size in reversed(shape):
+        index, rest = divmod(index, size)
+        position.append(rest)
+    return "[" + ", ".join(str(i) for i in reversed(position)) + "]"
+
+
 def _bool_entry(value: Any, where: str) -> bool:
     if isinstance(value, bool) or type(value).__name__ == "bool":
         return bool(value)
@@ -95,8 +104,21 @@ class Mask:
             )
 
     @classmethod
-    def create(cls, kind: str, values: Any) -> "Mask":
-        """Build a mask of the stated ``kind`` from nested lists or an array."""
+    def create(cls, kind: str, values: Any, where: str | None = None) -> "Mask":
+        """Build a mask of the stated ``kind`` from nested lists or an array.
+
+        ``where`` names the mask in a file (such as "spec.mask[0]"); errors and warnings then start with it.
+        """
+        prefix = f"{where}: " if where else ""
+        try:
+            return cls._create(kind, values, prefix)
+        except InvalidInputError as error:
+            if not prefix:
+                raise
+            raise type(error)(f"{prefix}{error}") from None
+
+    @classmethod
+    def _create(cls, kind: str, values: Any, prefix: str) -> "Mask":
         if kind not in MASK_KINDS:
             raise MaskError(
                 f"mask kind {kind!r} is unknown; expected one of {', '.join(MASK_KINDS)} "
@@ -108,10 +130,10 @@ class Mask:
                 f"{kind} mask has shape {shape}; expected (n_kv,), (n_q, n_kv) or (heads, n_q, n_kv)"
             )
         if kind == "additive":
-            entries = tuple(_additive_entry(v, f"additive mask entry {i}") for i, v in enumerate(flat))
-            _warn_if_looks_boolean(entries)
+            entries = tuple(_additive_entry(v, f"additive mask entry {_position(i, shape)}") for i, v in enumerate(flat))
+            _warn_if_looks_boolean(entries, prefix)
         else:
-            entries = tuple(_bool_entry(v, f"{kind} mask entry {i}") for i, v in enumerate(flat))
+            entries = tuple(_bool_entry(v, f"{kind} mask entry {_position(i, shape)}") for i, v in enumerate(flat))
         return cls(kind, shape, entries)
 
     @classmethod
@@ -147,13 +169,14 @@ class Mask:
             )
 
 
-def _warn_if_looks_boolean(entries: tuple) -> None:
+def _warn_if_looks_boolean(entries: tuple, prefix: str) -> None:
     if entries and all(e == 0 or e == 1 for e in entries) and any(e == 1 for e in entries):
         warnings.warn(
-            "this additive mask holds only 0s and 1s, so it adds 1 to some logits and hides "
-            "nothing; if it was meant as a boolean mask, use Mask.keep or Mask.block",
+            f"{prefix}this additive mask holds only 0s and 1s, so it adds 1 to some logits and hides "
+            f"nothing; if it was meant as a boolean mask, use a keep or block mask (Mask.keep or "
+            f"Mask.block, or kind = \"keep\" or \"block\" in a file)",
             SymattnWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from symattn.errors import InvalidInputError, ShapeError
+from symattn.errors import InvalidInputError, MaskError, ShapeError
 from symattn.verify.cases import load_case
 
 X_Q = np.array([[1.0, 0.0]])
@@ -87,6 +87,16 @@ output = "out.npy"
     assert case.problem.inputs["key_source"].dtype == np.float64
     assert case.problem.spec.masks[0].values == (True, True)
     assert case.output.tolist() == [[2.5, 0.0]]
+
+
+def test_mask_error_names_mask_and_position(tmp_path):
+    path = tmp_path / "case.npz"
+    spec = {"masks": [{"kind": "keep", "values": [[True, True, True]]},
+                      {"kind": "block", "values": [[False, True, 2]]}], "scale": "none"}
+    write_npz(path, spec, Q=np.array([[1.0, 0.0]]), K=np.eye(3, 2), V=np.eye(3, 2), output=np.zeros((1, 2)))
+    with pytest.raises(MaskError) as caught:
+        load_case(path)
+    assert "masks[1]: block mask entry [0, 2] is 2" in str(caught.value)
 
 
 def test_pytorch_weight_layout_is_transposed(tmp_path):

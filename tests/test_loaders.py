@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sympy as sp
 
-from symattn.errors import InvalidInputError, MaskError, ResourceLimitError, ShapeError
+from symattn.errors import InvalidInputError, MaskError, ResourceLimitError, ShapeError, SymattnWarning
 from symattn.examples import EXAMPLE_DATA, example_derivation
 from symattn.loaders import MAX_FILE_BYTES, DerivationMeta, load_derivation_file, parse_derivation
 
@@ -159,8 +159,10 @@ def test_example_file_matches_builtin_example():
         ('[spec]\nscale = "sqrt_dmodel"\n', InvalidInputError, "case.toml: spec.scale: scale 'sqrt_dmodel' is unknown"),
         ('[spec]\ncausal = "upper"\n', InvalidInputError, "case.toml: spec.causal: causal is 'upper'"),
         ("[[spec.mask]]\nvalues = [true]\n", InvalidInputError, "case.toml: spec.mask[0].kind is missing"),
-        ('[[spec.mask]]\nkind = "keep"\nvalues = [1, 0]\n', MaskError, "case.toml: spec.mask[0]: keep mask entry 0 is 1"),
+        ('[[spec.mask]]\nkind = "keep"\nvalues = [1, 0]\n', MaskError, "case.toml: spec.mask[0]: keep mask entry [0] is 1"),
         ('[[spec.mask]]\nkind = "visible"\nvalues = [true]\n', MaskError, "case.toml: spec.mask[0]: mask kind 'visible' is unknown"),
+        ('[[spec.mask]]\nkind = "block"\nvalues = [[true, false], [false, 0]]\n', MaskError, "case.toml: spec.mask[0]: block mask entry [1, 1] is 0"),
+        ('[[spec.mask]]\nkind = "additive"\nvalues = [0, "x!"]\n', InvalidInputError, "case.toml: spec.mask[0]: additive mask entry [1] 'x!' is neither a number nor a name"),
         ('[[spec.mask]]\nkind = "keep"\nvalues = [true]\nshape = [1]\n', InvalidInputError, "case.toml: spec.mask[0].shape is not a valid key"),
         ("[inputs]\nkv_source = [[1]]\n", InvalidInputError, "case.toml: inputs.query_source is missing"),
         ("[inputs]\nquery_source = [[1, 0]]\n[weights]\nW_Q = [[1], [0]]\nW_V = [[1], [0]]\n", InvalidInputError, "case.toml: weights.W_K is missing"),
@@ -184,6 +186,16 @@ def test_load_errors_name_file_and_key(tmp_path, text, error_type, message):
     with pytest.raises(error_type) as caught:
         load_derivation_file(path)
     assert str(caught.value).startswith(message)
+
+
+def test_additive_mask_warning_names_key(tmp_path):
+    path = write_toml(tmp_path, '[inputs]\nQ = [[1]]\nK = [[1], [0]]\nV = [[1], [2]]\n'
+                                '[[spec.mask]]\nkind = "keep"\nvalues = [true, true]\n'
+                                '[[spec.mask]]\nkind = "additive"\nvalues = [0, 1]\n')
+    with pytest.warns(SymattnWarning) as caught:
+        load_derivation_file(path)
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith("spec.mask[1]: this additive mask holds only 0s and 1s")
 
 
 def test_load_invalid_toml_names_line(tmp_path):

@@ -282,7 +282,7 @@ def _mask(entry: Any, index: int) -> Mask:
     values = entry["values"]
     if isinstance(values, np.ndarray) and values.dtype.kind == "f" and np.isnan(values).any():
         raise InvalidInputError(f"{where} contains NaN; an additive mask takes numbers and -inf")
-    return Mask.create(entry["kind"], values)
+    return Mask.create(entry["kind"], values, where)
 
 
 def _input_array(name: str, value: Any, layout: str) -> Any:
