@@ -187,8 +187,8 @@ class Problem:
             # Query i may attend to key j when j <= i + offset.
             allowed = np.arange(n_kv)[None, :] <= np.arange(n_q)[:, None] + offset
             visible &= allowed[None, :, :]
-        for mask in spec.masks:
-            mask.check_shape(heads, n_q, n_kv)
+        for index, mask in enumerate(spec.masks):
+            mask.check_shape(heads, n_q, n_kv, index)
             if mask.kind in ("keep", "block"):
                 values = np.array(mask.values, dtype=bool).reshape(mask.shape)
                 visible &= _broadcast(values if mask.kind == "keep" else ~values, heads, n_q, n_kv)

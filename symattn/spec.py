@@ -90,12 +90,14 @@ class Mask:
 
     ``shape`` is the shape of ``values``: (n_kv,), (n_q, n_kv) or (heads, n_q, n_kv).
     ``values`` holds the entries flat in row-major order: bools for keep and block masks,
-    exact SymPy numbers or ``-oo`` for additive masks.
+    exact SymPy numbers or ``-oo`` for additive masks. ``where`` names the mask in the file it
+    came from (such as "spec.mask[0]"), for error messages; it takes no part in comparisons.
     """
 
     kind: MaskKind
     shape: tuple[int, ...]
     values: tuple
+    where: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -134,7 +136,7 @@ class Mask:
             _warn_if_looks_boolean(entries, prefix)
         else:
             entries = tuple(_bool_entry(v, f"{kind} mask entry {_position(i, shape)}") for i, v in enumerate(flat))
-        return cls(kind, shape, entries)
+        return cls(kind, shape, entries, prefix[:-2])
 
     @classmethod
     def keep(cls, values: Any) -> "Mask":
@@ -159,14 +161,19 @@ class Mask:
             return self.values[query * self.shape[1] + key]
         return self.values[(head * self.shape[1] + query) * self.shape[2] + key]
 
-    def check_shape(self, heads: int, n_q: int, n_kv: int) -> None:
-        """Raise ShapeError unless the mask broadcasts to (heads, n_q, n_kv)."""
+    def check_shape(self, heads: int, n_q: int, n_kv: int, index: int = 0) -> None:
+        """Raise ShapeError unless the mask broadcasts to (heads, n_q, n_kv); ``index`` is its place among the masks."""
         expected = {1: (n_kv,), 2: (n_q, n_kv), 3: (heads, n_q, n_kv)}[len(self.shape)]
         if self.shape != expected:
+            name = f"{self.where}: {self.kind} mask" if self.where else f"mask {index} ({self.kind})"
             raise ShapeError(
-                f"{self.kind} mask has shape {self.shape}; expected {expected} for {heads} heads, "
-                f"{n_q} queries and {n_kv} keys"
+                f"{name} has shape {self.shape}; expected {expected} for {_count(heads, 'head')}, "
+                f"{_count(n_q, 'query', 'queries')} and {_count(n_kv, 'key')}"
             )
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _warn_if_looks_boolean(entries: tuple, prefix: str) -> None:
@@ -271,8 +278,8 @@ class AttentionSpec:
     def visibility(self, heads: int, n_q: int, n_kv: int) -> tuple[list, list]:
         """Return (visible, bias): per head, query and key whether the key is visible and the
         exact number added to its logit."""
-        for mask in self.masks:
-            mask.check_shape(heads, n_q, n_kv)
+        for index, mask in enumerate(self.masks):
+            mask.check_shape(heads, n_q, n_kv, index)
         if self.key_length is not None and self.key_length > n_kv:
             raise ShapeError(f"key_length is {self.key_length} but there are only {n_kv} keys")
         visible = [[[True] * n_kv for _ in range(n_q)] for _ in range(heads)]

@@ -220,7 +220,21 @@ def test_unknown_spec_key(tmp_path):
 def test_unknown_array_name(tmp_path):
     path = tmp_path / "case.npz"
     write_npz(path, {}, W_X=np.eye(2), **cross_inputs())
-    with pytest.raises(InvalidInputError, match="unknown arrays W_X"):
+    with pytest.raises(InvalidInputError, match="unknown array W_X for projection mode"):
+        load_case(path)
+
+
+def test_misspelt_direct_array_named_alone(tmp_path):
+    path = tmp_path / "case.npz"
+    write_npz(path, {}, Qx=np.eye(2), K=np.eye(2), V=np.eye(2))
+    with pytest.raises(InvalidInputError, match=r"unknown array Qx for direct mode \(an array named Q, K or V"):
+        load_case(path)
+
+
+def test_direct_case_missing_query_named(tmp_path):
+    path = tmp_path / "case.npz"
+    write_npz(path, {}, K=np.eye(2), V=np.eye(2))
+    with pytest.raises(InvalidInputError, match="direct mode needs Q, K and V, but Q is missing"):
         load_case(path)
 
 

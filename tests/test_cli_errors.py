@@ -103,6 +103,7 @@ ERROR_CASES = [
     (["reference", "--out", "r", "pass.npz"], 2, ["output file 'r' has suffix ''", ".npz, .npy, .json"]),
     (["reference", "--digits", "0", "--out", "r.json", "pass.npz"], 2, ["digits is 0"]),
     (["reference", "--stage", "P", "--out", "r.npy", "pass.npz"], 2, ["--stage 'P' is not a stage", "stages are Q, K, V"]),
+    (["reference", "--stage", "A_0", "--out", "r.npz", "pass.npz"], 2, ["--stage applies to .npy files only", "'r.npz' gets every stage"]),
     (["grad", "good.toml"], 2, ["the following arguments are required: --wrt"]),
     (["grad", "--wrt", "bogus", "--no-pdf", "good.toml"], 2, ["--wrt 'bogus'", "its inputs are"]),
     (["grad", "--wrt", "Q", "--of", "P[0,0]", "--no-pdf", "good.toml"], 2, ["'P[0,0]'", "'output[0,1]'"]),

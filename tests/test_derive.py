@@ -201,7 +201,7 @@ def test_unknown_scale_name():
 
 
 def test_mask_wrong_shape():
-    with pytest.raises(ShapeError, match=r"keep mask has shape \(2, 2\); expected \(3, 2\)"):
+    with pytest.raises(ShapeError, match=r"mask 0 \(keep\) has shape \(2, 2\); expected \(3, 2\)"):
         derive(X_Q, X_KV, W_Q=W_Q, W_K=W_K, W_V=W_V, heads=2, mask=Mask.keep([[T, T], [T, T]]))
 
 

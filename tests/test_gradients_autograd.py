@@ -226,3 +226,20 @@ def test_cli_verify_grad_fails_zero_ulps(tmp_path):
              key_source=rng.standard_normal((4, 4)), value_source=rng.standard_normal((4, 4)),
              W_Q=rng.standard_normal((4, 4)), W_K=rng.standard_normal((4, 4)), W_V=rng.standard_normal((4, 4)))
     assert main(["verify", str(path), "--grad", "--ulps", "0"]) == 1
+
+
+def test_cli_verify_grad_without_torch_says_install(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "case.npz"
+    np.savez(path, spec=json.dumps({}), Q=np.eye(2), K=np.eye(2), V=np.eye(2))
+    # None in sys.modules makes "import torch" fail as it does where PyTorch is not installed.
+    code = "import sys; sys.modules['torch'] = None; from symattn.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "verify", str(path), "--grad"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 3
+    assert "PyTorch is not installed; install it with pip install torch==2.13.0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""

@@ -198,6 +198,15 @@ def test_additive_mask_warning_names_key(tmp_path):
     assert str(caught[0].message).startswith("spec.mask[1]: this additive mask holds only 0s and 1s")
 
 
+def test_mask_shape_error_names_key(tmp_path):
+    path = write_toml(tmp_path, '[inputs]\nQ = [[1]]\nK = [[1], [0], [2]]\nV = [[1], [2], [3]]\n'
+                                '[[spec.mask]]\nkind = "keep"\nvalues = [true, true]\n')
+    with pytest.raises(ShapeError) as caught:
+        load_derivation_file(path)
+    assert str(caught.value) == ("case.toml: spec.mask[0]: keep mask has shape (2,); expected (3,) for 1 head, "
+                                 "1 query and 3 keys")
+
+
 def test_load_invalid_toml_names_line(tmp_path):
     path = write_toml(tmp_path, "[inputs]\nQ = [[1, 2]]\nK = oops\n")
     with pytest.raises(InvalidInputError) as caught:

@@ -142,7 +142,7 @@ def test_problem_fully_masked_row_names_rows():
 
 def test_problem_mask_shape_checked():
     spec = AttentionSpec(masks=(Mask.block([[T, F], [F, T]]),))
-    with pytest.raises(ShapeError, match=r"block mask has shape \(2, 2\); expected \(2, 3\)"):
+    with pytest.raises(ShapeError, match=r"mask 0 \(block\) has shape \(2, 2\); expected \(2, 3\)"):
         Problem.from_arrays(spec=spec, direct=True, **E1)
 
 

@@ -292,6 +292,10 @@ def test_blocked_head_values():
         ["0.66666666666666666667", "0"],
         ["0.84463759650303639321", "0"],
     ]
+    # Query 1 has three equal logits in head 0, so its head-0 output is exactly 2/3, not only to 20 digits.
+    intervals = reference.stages["output"].intervals
+    assert (intervals.lo[2], intervals.hi[2], intervals.den[2]) == (2, 2, 3)
+    assert (intervals.lo[3], intervals.hi[3], intervals.den[3]) == (0, 0, 1)
 
 
 def test_blocked_head_nan_leaks_into_every_column():
@@ -337,6 +341,14 @@ def test_averaged_weights_when_asked():
     _, weights = st.reference(identity_module(2), X, X, X, average_attn_weights=True)
     assert weights.shape == (3, 3)
     assert weights[0].tolist() == [float(w) for w in MEAN_ROW0]
+
+
+def test_head_one_row0_exactly_one_third():
+    # Query 0 has 0 in head 1's feature, so its logits there are all 0 and its weights exactly 1/3.
+    call = st.problems_from_call(identity_module(2), X, X, X)
+    intervals = compute_reference(call.problems[0], 30).stages["A_1"].intervals
+    row0 = list(zip(intervals.lo, intervals.hi, intervals.den))[:3]
+    assert row0 == [(1, 1, 3)] * 3
 
 
 def test_mean_over_heads_digits():

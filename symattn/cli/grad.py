@@ -18,7 +18,7 @@ from pathlib import Path
 import sympy as sp
 
 from ..derive import Derivation
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedError
 from ..export.gradient_json import gradient_to_json
 from ..export.latex_grad import gradient_example
 from ..gradients import ROLE_NAMES, grad, parse_objective, source_roles
@@ -124,8 +124,18 @@ def verify_gradients(args: argparse.Namespace, case: object, started: float) -> 
     Prints the report (a table, or JSON with --json) and returns 0 when every gradient is
     within tolerance and 1 otherwise.
     """
-    from ..verify.autograd import compare_problem_gradients
     from .verify import tolerance_option, write_report
+
+    try:
+        from ..verify.autograd import compare_problem_gradients
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        raise UnsupportedError(
+            "verify --grad compares with PyTorch's autograd, and PyTorch is not installed; install it "
+            "with pip install torch==2.13.0 (add --index-url https://download.pytorch.org/whl/cpu for "
+            "the CPU build), or run symattn grad for the exact gradients alone"
+        ) from None
 
     check_digits(args.digits)
     report = compare_problem_gradients(case.problem, digits=args.digits, tolerance=tolerance_option(args))

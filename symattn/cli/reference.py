@@ -35,8 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="round to this dtype only (default: every dtype for .npz and .json; for "
                              ".npy the case's dtype, else float64)")
-    parser.add_argument("--stage", default="output", metavar="NAME",
-                        help="the stage that an .npy file contains, such as output, A_0 or O_1 (default: output)")
+    parser.add_argument("--stage", metavar="NAME",
+                        help="the stage that an .npy file contains, such as output, A_0 or O_1 (default: output); "
+                             ".npz and .json files contain every stage")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="reference engine (default: auto, python-flint when installed, else mpmath)")
     parser.add_argument("--force", action="store_true", help="replace FILE if it exists with other content")
@@ -49,18 +50,25 @@ def run(args: argparse.Namespace) -> int:
     from ..verify import load_case
 
     started = time.perf_counter()
+    npy = args.out.suffix.lower() == ".npy"
+    if args.stage is not None and not npy:
+        raise InvalidInputError(
+            f"--stage applies to .npy files only, and {str(args.out)!r} gets every stage; drop --stage, "
+            f"or write a .npy file to get one stage"
+        )
+    stage = args.stage or "output"
     case = load_case(args.case)
-    if args.out.suffix.lower() == ".npy":
+    if npy:
         dtypes: tuple[str, ...] = (args.dtype or case.dtype or "float64",)
     else:
         dtypes = (args.dtype,) if args.dtype else DTYPES
     with progress_bar() as progress, Stopwatch(progress, "certified reference"):
         reference = compute_reference(case.problem, args.digits, engine=args.engine)
-    if args.stage not in reference.stages:
+    if stage not in reference.stages:
         raise InvalidInputError(
-            f"--stage {args.stage!r} is not a stage of this case; stages are {', '.join(reference.stages)}"
+            f"--stage {stage!r} is not a stage of this case; stages are {', '.join(reference.stages)}"
         )
-    path = write_reference(reference, args.out, dtypes=dtypes, stage=args.stage, force=args.force)
+    path = write_reference(reference, args.out, dtypes=dtypes, stage=stage, force=args.force)
     elapsed = time.perf_counter() - started
     print(
         f"symattn: wrote {path} ({', '.join(dtypes)}; {reference.digits} digits, engine "

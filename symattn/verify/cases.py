@@ -229,14 +229,22 @@ def _build_case(path: Path, settings: dict, arrays: dict[str, Any]) -> Case:
         raise InvalidInputError(f"average_weights is {average_weights!r}; expected true or false")
 
     outputs = {name: arrays.pop(name) for name in OUTPUT_NAMES if name in arrays}
-    direct = "Q" in arrays
+    # Direct mode as soon as one of Q, K and V is given, so that a misspelt Q is the one unknown name.
+    direct = any(name in arrays for name in ("Q", "K", "V"))
     allowed = DIRECT_NAMES if direct else INPUT_NAMES
     unknown = sorted(set(arrays) - set(allowed))
     if unknown:
-        mode = "direct mode (Q, K, V given)" if direct else "projection mode"
+        mode = "direct mode (an array named Q, K or V is given)" if direct else "projection mode"
         raise InvalidInputError(
-            f"unknown arrays {', '.join(unknown)} for {mode}; expected inputs among "
+            f"unknown {'array' if len(unknown) == 1 else 'arrays'} {', '.join(unknown)} for {mode}; expected inputs among "
             f"{', '.join(allowed)} and outputs among {', '.join(OUTPUT_NAMES)}"
+        )
+    missing = [name for name in ("Q", "K", "V") if direct and name not in arrays]
+    if missing:
+        raise InvalidInputError(
+            f"direct mode needs Q, K and V, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            f"missing; add {'it' if len(missing) == 1 else 'them'}, or give query_source, key_source, W_Q, "
+            f"W_K and W_V for projection mode"
         )
     inputs = {name: _input_array(name, value, layout) for name, value in arrays.items()}
     spec = AttentionSpec(
