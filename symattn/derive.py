@@ -379,8 +379,8 @@ def _check_masked_rows(spec: AttentionSpec, visible: list) -> None:
     where = "; ".join(f"head {h}: query rows {', '.join(map(str, rows))}" for h, rows in by_head.items())
     raise MaskError(
         f"some query rows have no key left to attend to ({where}); the softmax of such a row "
-        f"is undefined. Pass masked_rows='zeros' or masked_rows='nan' to choose an output for "
-        f"them, or change the mask"
+        f"is undefined. Set masked_rows to \"zeros\" or \"nan\" to choose an output for them "
+        f"(masked_rows = \"zeros\" under [spec] in a file, masked_rows=\"zeros\" in Python), or change the mask"
     )
 
 
@@ -415,7 +415,7 @@ def softmax_rows(Z: sp.MatrixBase, masked_rows: str = "error") -> sp.ImmutableMa
                 entries.append([sp.nan] * cols)
             else:
                 raise MaskError(
-                    f"row {i} has no visible entry; pass masked_rows='zeros' or 'nan', or change the mask"
+                    f"row {i} has no visible entry; set masked_rows to \"zeros\" or \"nan\", or change the mask"
                 )
             continue
         if all(e == kept[0] for e in kept):

@@ -270,7 +270,9 @@ def check_file_size(path: Path | str, label: str, max_bytes: int = MAX_INPUT_FIL
     except FileNotFoundError:
         raise InvalidInputError(f"{label} {str(path)!r} does not exist; check the path") from None
     except OSError as error:
-        raise InvalidInputError(f"{label} {str(path)!r} cannot be read: {error.strerror}") from None
+        raise InvalidInputError(f"{label} {str(path)!r} cannot be read: {error.strerror}; check the path") from None
+    if path.is_dir():
+        raise InvalidInputError(f"{label} {str(path)!r} is a folder; give the path of a file in it")
     if size > max_bytes:
         raise ResourceLimitError(
             f"{label} {str(path)!r} is {size:,} bytes, above the limit of {max_bytes:,} bytes for "

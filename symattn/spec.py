@@ -14,6 +14,7 @@ Mask values may be 1-D (one entry per key, applied to every query), 2-D (query Ã
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import warnings
@@ -176,6 +177,13 @@ def _count(number: int, singular: str, plural: str | None = None) -> str:
     return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
+def _shown(value: Any) -> str:
+    """Return ``value`` for a message: a number read from a TOML file (a Decimal) as it was written there."""
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    return repr(value)
+
+
 def _warn_if_looks_boolean(entries: tuple, prefix: str) -> None:
     if entries and all(e == 0 or e == 1 for e in entries) and any(e == 1 for e in entries):
         warnings.warn(
@@ -240,7 +248,7 @@ class AttentionSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, bool) or not isinstance(self.heads, numbers.Integral) or self.heads < 1:
-            raise InvalidInputError(f"heads is {self.heads!r}; expected a positive integer")
+            raise InvalidInputError(f"heads is {_shown(self.heads)}; expected a positive integer")
         object.__setattr__(self, "scale", parse_scale(self.scale))
         masks = self.masks
         if isinstance(masks, Mask):
@@ -259,7 +267,7 @@ class AttentionSpec:
         if self.key_length is not None and (
             isinstance(self.key_length, bool) or not isinstance(self.key_length, numbers.Integral) or self.key_length < 0
         ):
-            raise InvalidInputError(f"key_length is {self.key_length!r}; expected a non-negative integer")
+            raise InvalidInputError(f"key_length is {_shown(self.key_length)}; expected a non-negative integer")
         if self.masked_rows not in MASKED_ROW_POLICIES:
             raise InvalidInputError(
                 f"masked_rows is {self.masked_rows!r}; expected one of {', '.join(MASKED_ROW_POLICIES)}"

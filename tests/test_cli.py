@@ -91,8 +91,8 @@ def test_conflict_without_force_writes_nothing(tmp_path):
     before = folder_contents(tmp_path)
     result = run_symattn("example", "--out", str(tmp_path), "--no-pdf", "--digits", "30")
     assert result.returncode == 3
-    assert result.stderr.startswith("symattn: error: output file ")
-    assert "already exists with other content; pass --force" in result.stderr
+    assert result.stderr.startswith("symattn: error: output files ")
+    assert "already exist with other content; pass --force" in result.stderr
     assert "Traceback" not in result.stderr
     # Neither the .tex (which would change with --digits 30) nor the .json was touched.
     assert folder_contents(tmp_path) == before

@@ -156,6 +156,7 @@ def test_example_file_matches_builtin_example():
         ("[input]\nQ = [[1]]\n", InvalidInputError, "case.toml: input is not a valid key; valid keys in the top level are meta, spec, inputs, weights"),
         ("[spec]\nhaeds = 2\n", InvalidInputError, "case.toml: spec.haeds is not a valid key; valid keys in spec are heads"),
         ('[spec]\nheads = "two"\n', InvalidInputError, "case.toml: spec.heads: heads is 'two'; expected a positive integer"),
+        ("[spec]\nheads = 1.5\n", InvalidInputError, "case.toml: spec.heads: heads is 1.5; expected a positive integer"),
         ('[spec]\nscale = "sqrt_dmodel"\n', InvalidInputError, "case.toml: spec.scale: scale 'sqrt_dmodel' is unknown"),
         ('[spec]\ncausal = "upper"\n', InvalidInputError, "case.toml: spec.causal: causal is 'upper'"),
         ("[[spec.mask]]\nvalues = [true]\n", InvalidInputError, "case.toml: spec.mask[0].kind is missing"),

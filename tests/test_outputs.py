@@ -152,7 +152,7 @@ def test_cli_existing_output_needs_force(tmp_path, capsys):
     error = capsys.readouterr().err
     assert status == 3
     assert "example.tex" in error
-    assert "already exists with other content; pass --force" in error
+    assert "already exist with other content; pass --force" in error
     assert_unchanged(tmp_path, previous)
 
 

@@ -39,9 +39,10 @@ def check_writable(paths: list[Path], contents: list[bytes] | None = None, force
             continue
         conflicts.append(str(path))
     if conflicts:
+        files, verb, pronoun = ("file", "exists", "it") if len(conflicts) == 1 else ("files", "exist", "them")
         raise OutputError(
-            f"output file {', '.join(conflicts)} already exists with other content; pass --force "
-            f"(force=True) to overwrite it, or choose another output folder"
+            f"output {files} {', '.join(conflicts)} already {verb} with other content; pass --force "
+            f"(force=True in Python) to overwrite {pronoun}, or write to another path"
         )
 
 

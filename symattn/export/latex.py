@@ -809,7 +809,10 @@ def run_pdflatex(tex: str, timeout: float = PDFLATEX_TIMEOUT_SECONDS, progress: 
         try:
             Path(build_folder).mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise OutputError(f"creating the output folder {str(build_folder)!r} failed: {error.strerror}") from None
+            raise OutputError(
+                f"creating the output folder {str(build_folder)!r} failed: {error.strerror}; choose a folder "
+                f"whose parent folders exist or can be created"
+            ) from None
     with tempfile.TemporaryDirectory(prefix=".symattn-latex-", dir=build_folder) as folder:
         source = Path(folder) / "document.tex"
         source.write_text(tex, encoding="utf-8")

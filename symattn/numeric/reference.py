@@ -490,7 +490,7 @@ def _resolve_engine(engine: str) -> str:
     if engine == "flint" and not flint_available():
         raise UnsupportedError(
             "engine 'flint' needs python-flint, which is not installed; install it with "
-            "pip install 'symattn[fast]', or pass engine='mpmath'"
+            "pip install 'symattn[fast]', or use the mpmath engine (--engine mpmath, or engine='mpmath' in Python)"
         )
     return engine
 
