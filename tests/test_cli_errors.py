@@ -85,6 +85,7 @@ ERROR_CASES = [
     (["example", "--digits", "\u0663", "--no-pdf"], 2, ["--digits: invalid int value: '\u0663'"]),
     (["example", "--digits", "\uff15", "--no-pdf"], 2, ["--digits: invalid int value: '\uff15'"]),
     (["derive", "missing.toml"], 2, ["'missing.toml' does not exist", "check the path"]),
+    (["verify", "--ulp", "4", "pass.npz"], 2, ["unrecognized arguments: --ulp"]),
     (["derive", "."], 2, ["derivation file '.' is a folder; give the path of a file in it"]),
     (["derive", "broken.toml"], 2, ["broken.toml", "invalid TOML"]),
     (["derive", "--digits", "0", "good.toml"], 2, ["digits is 0"]),

@@ -40,6 +40,8 @@ def _ascii_number(convert: type) -> Any:
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: "--digit 20" is an error, not a quiet "--digits 20".
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         # Options declared with type=int or type=float accept ASCII text only.
         self.register("type", int, _ascii_number(int))
