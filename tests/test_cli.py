@@ -137,7 +137,7 @@ def test_derive_missing_file_exits_2(tmp_path):
 def test_invalid_digits_exit_2(tmp_path, digits):
     result = run_symattn("example", "--out", str(tmp_path), "--digits", digits)
     assert result.returncode == 2
-    assert f"symattn: error: digits is {digits}; expected an integer from 1 to 10000" in result.stderr
+    assert f"symattn: error: --digits is {digits}; expected an integer from 1 to 10000" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -86,6 +86,8 @@ ERROR_CASES = [
     (["example", "--digits", "\uff15", "--no-pdf"], 2, ["--digits: invalid int value: '\uff15'"]),
     (["derive", "missing.toml"], 2, ["'missing.toml' does not exist", "check the path"]),
     (["verify", "--ulp", "4", "pass.npz"], 2, ["unrecognized arguments: --ulp"]),
+    (["derive", "good.toml", "--debug"], 2, ["unrecognized arguments: --debug", "--debug goes before the command"]),
+    (["reference", "--digits", "0", "--out", "r.npy", "pass.npz"], 2, ["--digits is 0; expected an integer from 1 to 10000"]),
     (["derive", "."], 2, ["derivation file '.' is a folder; give the path of a file in it"]),
     (["derive", "broken.toml"], 2, ["broken.toml", "invalid TOML"]),
     (["derive", "--digits", "0", "good.toml"], 2, ["digits is 0"]),

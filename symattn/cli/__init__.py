@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InvalidInputError, SymattnError, SymattnWarning
+from ..numeric.decimals import check_digits
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -49,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # argparse's own usage errors also exit with 2
         self.print_usage(sys.stderr)
+        if message.startswith("unrecognized arguments:") and "--debug" in message.split():
+            message += "; --debug goes before the command, as in symattn --debug derive FILE"
         self.exit(EXIT_USAGE, f"symattn: error: {message}\n")
 
 
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "digits", None) is not None:
+            check_digits(args.digits, "--digits")
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.run(args)

@@ -25,11 +25,11 @@ GUARD_DIGITS = 15
 MAX_GUARD_DIGITS = 2000
 
 
-def check_digits(digits: int) -> int:
-    """Raise InvalidInputError unless 1 ≤ digits ≤ MAX_DIGITS."""
+def check_digits(digits: int, name: str = "digits") -> int:
+    """Raise InvalidInputError unless 1 ≤ digits ≤ MAX_DIGITS; ``name`` is what the message calls the value."""
     if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
         raise InvalidInputError(
-            f"digits is {digits!r}; expected an integer from 1 to {MAX_DIGITS}"
+            f"{name} is {digits!r}; expected an integer from 1 to {MAX_DIGITS}"
         )
     return digits
 
