@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import difflib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,8 +256,10 @@ def _check_table(table: Any, where: str, valid_keys: tuple[str, ...]) -> None:
     for key in table:
         if key not in valid_keys:
             place = key if where == "the top level" else f"{where}.{key}"
+            close = difflib.get_close_matches(str(key), valid_keys, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise InvalidInputError(
-                f"{place} is not a valid key; valid keys in {where} are {', '.join(valid_keys)}"
+                f"{place} is not a valid key{hint}; valid keys in {where} are {', '.join(valid_keys)}"
             )
 
 

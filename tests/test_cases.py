@@ -213,7 +213,7 @@ def test_missing_spec_member(tmp_path):
 def test_unknown_spec_key(tmp_path):
     path = tmp_path / "case.npz"
     write_npz(path, {"head": 2}, **cross_inputs())
-    with pytest.raises(InvalidInputError, match="unknown spec keys head"):
+    with pytest.raises(InvalidInputError, match=r"unknown spec keys head \(did you mean heads\?\)"):
         load_case(path)
 
 

@@ -153,13 +153,14 @@ def test_example_file_matches_builtin_example():
 @pytest.mark.parametrize(
     ("text", "error_type", "message"),
     [
-        ("[input]\nQ = [[1]]\n", InvalidInputError, "case.toml: input is not a valid key; valid keys in the top level are meta, spec, inputs, weights"),
-        ("[spec]\nhaeds = 2\n", InvalidInputError, "case.toml: spec.haeds is not a valid key; valid keys in spec are heads"),
+        ("[input]\nQ = [[1]]\n", InvalidInputError, "case.toml: input is not a valid key (did you mean inputs?); valid keys in the top level are meta, spec, inputs, weights"),
+        ("[spec]\nhaeds = 2\n", InvalidInputError, "case.toml: spec.haeds is not a valid key (did you mean heads?); valid keys in spec are heads"),
         ('[spec]\nheads = "two"\n', InvalidInputError, "case.toml: spec.heads: heads is 'two'; expected a positive integer"),
         ("[spec]\nheads = 1.5\n", InvalidInputError, "case.toml: spec.heads: heads is 1.5; expected a positive integer"),
         ('[spec]\nscale = "sqrt_dmodel"\n', InvalidInputError, "case.toml: spec.scale: scale 'sqrt_dmodel' is unknown"),
         ('[spec]\ncausal = "upper"\n', InvalidInputError, "case.toml: spec.causal: causal is 'upper'"),
         ("[[spec.mask]]\nvalues = [true]\n", InvalidInputError, "case.toml: spec.mask[0].kind is missing"),
+        ('[[spec.masks]]\nkind = "keep"\nvalues = [true]\n', InvalidInputError, "case.toml: spec.masks is not a valid key (did you mean mask?)"),
         ('[[spec.mask]]\nkind = "keep"\nvalues = [1, 0]\n', MaskError, "case.toml: spec.mask[0]: keep mask entry [0] is 1"),
         ('[[spec.mask]]\nkind = "visible"\nvalues = [true]\n', MaskError, "case.toml: spec.mask[0]: mask kind 'visible' is unknown"),
         ('[[spec.mask]]\nkind = "block"\nvalues = [[true, false], [false, 0]]\n', MaskError, "case.toml: spec.mask[0]: block mask entry [1, 1] is 0"),

@@ -7,6 +7,7 @@ code, and paths in a TOML case must stay inside the TOML file's folder.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import tomllib
@@ -218,8 +219,10 @@ def _build_case(path: Path, settings: dict, arrays: dict[str, Any]) -> Case:
 
     unknown = sorted(set(settings) - set(SPEC_KEYS))
     if unknown:
+        close = [match for key in unknown for match in difflib.get_close_matches(str(key), SPEC_KEYS, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise InvalidInputError(
-            f"unknown spec keys {', '.join(unknown)}; expected keys among {', '.join(SPEC_KEYS)}"
+            f"unknown spec keys {', '.join(unknown)}{hint}; expected keys among {', '.join(SPEC_KEYS)}"
         )
     layout = settings.get("weight_layout", "symattn")
     if layout not in WEIGHT_LAYOUTS:
