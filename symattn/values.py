@@ -34,7 +34,7 @@ MAX_NUMBER_LENGTH = 2000
 # re.ASCII keeps \d to 0-9, so look-alike digits such as "１" or "٣" are not numbers.
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _RATIO = re.compile(r"[+-]?\d+/\d+", re.ASCII)
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*|[A-Za-z][A-Za-z0-9]*_\{[0-9]+,[0-9]+\}", re.ASCII)
 _BASE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 # Entries spelled like these mean a non-finite float, never a symbol of that name.
 _NON_FINITE_NAMES = frozenset({"nan", "inf", "infinity"})
@@ -95,13 +95,14 @@ def parse_name(text: str, where: str = "name") -> str:
     """Check that ``text`` is a plain identifier such as ``w``, ``alpha`` or ``b_1`` and return it.
 
     Names contain ASCII letters, digits and single underscores between parts, and start with a
-    letter, so they cannot reach Python attributes or LaTeX commands.
+    letter, so they cannot reach Python attributes or LaTeX commands. The entry names that
+    symbol matrices generate, such as ``x_{1,2}``, are names too.
     """
     if len(text) > MAX_NAME_LENGTH or not _NAME.fullmatch(text):
         raise InvalidInputError(
             f"{where} {text!r} is not a valid name; expected letters and digits, starting with "
-            f"a letter, with single underscores between parts (for example 'w', 'b_1'), "
-            f"at most {MAX_NAME_LENGTH} characters"
+            f"a letter, with single underscores between parts (for example 'w', 'b_1', or "
+            f"'x_{{1,2}}' for an entry of a symbol matrix), at most {MAX_NAME_LENGTH} characters"
         )
     return text
 
@@ -128,7 +129,7 @@ def parse_entry(text: str, where: str = "entry") -> sp.Expr:
         return -symbol if negate else symbol
     raise InvalidInputError(
         f"{where} {text!r} is neither a number nor a name; expected a decimal ('0.25'), "
-        f"a ratio ('3/4') or a name ('w', '-b_1')"
+        f"a ratio ('3/4') or a name ('w', '-b_1', 'x_{{1,2}}')"
     )
 
 

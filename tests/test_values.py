@@ -107,12 +107,13 @@ def test_one_dimensional_list_rejected():
         to_matrix([1, 2, 3], "X")
 
 
-@pytest.mark.parametrize("text", ["w", "alpha", "b_1", "W_Q", "x2"])
+@pytest.mark.parametrize("text", ["w", "alpha", "b_1", "W_Q", "x2", "x_{1,2}", "W_{10,3}"])
 def test_parse_name_accepts(text):
     assert parse_name(text) == text
 
 
-@pytest.mark.parametrize("text", ["_x", "__import__", "a.b", "x y", "x__y", "\\input", "x{1}", "1x", "a" * 65])
+@pytest.mark.parametrize("text", ["_x", "__import__", "a.b", "x y", "x__y", "\\input", "x{1}", "1x", "a" * 65,
+                                  "x_{1}", "x_{1,2", "x_{a,1}", "x_{1,2}}", "x_{1,\\input}", "x_{1,2}_3"])
 def test_parse_name_rejects(text):
     with pytest.raises(InvalidInputError):
         parse_name(text)
@@ -120,6 +121,11 @@ def test_parse_name_rejects(text):
 
 def test_parse_entry_negated_name():
     assert parse_entry("-b_1") == -sp.Symbol("b_1", real=True)
+
+
+def test_parse_entry_names_symbol_matrix_entry():
+    # A single entry can name an entry of a generated symbol matrix, which is the same symbol.
+    assert parse_entry("-x_{2,1}") == -symbol_matrix("x", 2, 2)[1, 0]
 
 
 @pytest.mark.parametrize("text", ["__import__('os').system('true')", "x.__class__", "sqrt(2)", "1+1", "lambda: 0"])
