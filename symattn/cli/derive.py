@@ -19,7 +19,7 @@ from ..export.files import write_files
 from ..export.latex import compile_pdf, pdflatex_path, worked_example
 from ..export.numbers import derivation_to_json
 from ..loaders import DerivationMeta, load_derivation_file
-from ..numeric.decimals import DEFAULT_DIGITS, check_digits
+from ..numeric.decimals import DEFAULT_DIGITS
 from . import EXIT_OK
 from .terminal import progress_bar
 
@@ -57,7 +57,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_digits(args.digits)
     started = time.perf_counter()
     derivation, meta = load_derivation_file(args.file)
     print(f"derived {args.file} in {time.perf_counter() - started:.1f} s")

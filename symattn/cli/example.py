@@ -10,7 +10,6 @@ import argparse
 import time
 
 from ..examples import EXAMPLE_NAME, example_derivation
-from ..numeric.decimals import check_digits
 from .derive import add_output_options, write_outputs
 
 
@@ -29,7 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_digits(args.digits)
     started = time.perf_counter()
     derivation, meta = example_derivation()
     print(f"derived the built-in example in {time.perf_counter() - started:.1f} s")
