@@ -112,16 +112,15 @@ class Mask:
 
         ``where`` names the mask in a file (such as "spec.mask[0]"); errors and warnings then start with it.
         """
-        prefix = f"{where}: " if where else ""
         try:
-            return cls._create(kind, values, prefix)
+            return cls._create(kind, values, where or "")
         except InvalidInputError as error:
-            if not prefix:
+            if not where:
                 raise
-            raise type(error)(f"{prefix}{error}") from None
+            raise type(error)(f"{where}: {error}") from None
 
     @classmethod
-    def _create(cls, kind: str, values: Any, prefix: str) -> "Mask":
+    def _create(cls, kind: str, values: Any, where: str) -> "Mask":
         if kind not in MASK_KINDS:
             raise MaskError(
                 f"mask kind {kind!r} is unknown; expected one of {', '.join(MASK_KINDS)} "
@@ -134,10 +133,10 @@ class Mask:
             )
         if kind == "additive":
             entries = tuple(_additive_entry(v, f"additive mask entry {_position(i, shape)}") for i, v in enumerate(flat))
-            _warn_if_looks_boolean(entries, prefix)
+            _warn_if_looks_boolean(entries, where)
         else:
             entries = tuple(_bool_entry(v, f"{kind} mask entry {_position(i, shape)}") for i, v in enumerate(flat))
-        return cls(kind, shape, entries, prefix[:-2])
+        return cls(kind, shape, entries, where)
 
     @classmethod
     def keep(cls, values: Any) -> "Mask":
@@ -184,8 +183,9 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def _warn_if_looks_boolean(entries: tuple, prefix: str) -> None:
+def _warn_if_looks_boolean(entries: tuple, where: str) -> None:
     if entries and all(e == 0 or e == 1 for e in entries) and any(e == 1 for e in entries):
+        prefix = f"{where}: " if where else ""
         warnings.warn(
             f"{prefix}this additive mask holds only 0s and 1s, so it adds 1 to some logits and hides "
             f"nothing; if it was meant as a boolean mask, use a keep or block mask (Mask.keep or "
