@@ -18,6 +18,7 @@ to 400,000 nodes per second, and the JSON export to 20 digits walked about 10,00
 from __future__ import annotations
 
 import numbers
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,13 +267,14 @@ def check_file_size(path: Path | str, label: str, max_bytes: int = MAX_INPUT_FIL
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         raise InvalidInputError(f"{label} {str(path)!r} does not exist; check the path") from None
     except OSError as error:
         raise InvalidInputError(f"{label} {str(path)!r} cannot be read: {error.strerror}; check the path") from None
-    if path.is_dir():
+    if stat.S_ISDIR(status.st_mode):
         raise InvalidInputError(f"{label} {str(path)!r} is a folder; give the path of a file in it")
+    size = status.st_size
     if size > max_bytes:
         raise ResourceLimitError(
             f"{label} {str(path)!r} is {size:,} bytes, above the limit of {max_bytes:,} bytes for "

@@ -242,7 +242,7 @@ def _build_case(path: Path, settings: dict, arrays: dict[str, Any]) -> Case:
             f"unknown {'array' if len(unknown) == 1 else 'arrays'} {', '.join(unknown)} for {mode}; expected inputs among "
             f"{', '.join(allowed)} and outputs among {', '.join(OUTPUT_NAMES)}"
         )
-    missing = [name for name in ("Q", "K", "V") if direct and name not in arrays]
+    missing = [name for name in ("Q", "K", "V") if name not in arrays] if direct else []
     if missing:
         raise InvalidInputError(
             f"direct mode needs Q, K and V, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
