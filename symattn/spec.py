@@ -92,7 +92,7 @@ class Mask:
     ``shape`` is the shape of ``values``: (n_kv,), (n_q, n_kv) or (heads, n_q, n_kv).
     ``values`` holds the entries flat in row-major order: bools for keep and block masks,
     exact SymPy numbers or ``-oo`` for additive masks. ``where`` names the mask in the file it
-    came from (such as "spec.mask[0]"), for error messages; it takes no part in comparisons.
+    came from (such as "spec.mask[0]"), for error messages. It takes no part in comparisons.
     """
 
     kind: MaskKind
@@ -110,7 +110,7 @@ class Mask:
     def create(cls, kind: str, values: Any, where: str | None = None) -> "Mask":
         """Build a mask of the stated ``kind`` from nested lists or an array.
 
-        ``where`` names the mask in a file (such as "spec.mask[0]"); errors and warnings then start with it.
+        ``where`` names the mask in a file (such as "spec.mask[0]"). Errors and warnings then start with it.
         """
         try:
             return cls._create(kind, values, where or "")
@@ -162,7 +162,7 @@ class Mask:
         return self.values[(head * self.shape[1] + query) * self.shape[2] + key]
 
     def check_shape(self, heads: int, n_q: int, n_kv: int, index: int = 0) -> None:
-        """Raise ShapeError unless the mask broadcasts to (heads, n_q, n_kv); ``index`` is its place among the masks."""
+        """Raise ShapeError unless the mask broadcasts to (heads, n_q, n_kv). ``index`` is its place among the masks."""
         expected = {1: (n_kv,), 2: (n_q, n_kv), 3: (heads, n_q, n_kv)}[len(self.shape)]
         if self.shape != expected:
             name = f"{self.where}: {self.kind} mask" if self.where else f"mask {index} ({self.kind})"

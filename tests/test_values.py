@@ -123,7 +123,7 @@ def test_parse_entry_negated_name():
     assert parse_entry("-b_1") == -sp.Symbol("b_1", real=True)
 
 
-def test_parse_entry_names_symbol_matrix_entry():
+def test_parse_entry_symbol_matrix_name():
     # A single entry can name an entry of a generated symbol matrix, which is the same symbol.
     assert parse_entry("-x_{2,1}") == -symbol_matrix("x", 2, 2)[1, 0]
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        # Every command with --digits is checked here, before it loads or computes anything.
+        # --digits is checked here for every command, before anything is loaded or computed.
         if getattr(args, "digits", None) is not None:
             check_digits(args.digits, "--digits")
         with warnings.catch_warnings():

@@ -81,7 +81,7 @@ def tolerance_option(args: argparse.Namespace):
 
 
 def write_report(args: argparse.Namespace, text: str, subject: str, started: float, passed: bool) -> int:
-    """Write a verification report to stdout and a one-line summary to stderr; return the exit code."""
+    """Write a verification report to stdout and a one-line summary to stderr, and return the exit code."""
     sys.stdout.write(text)
     form = "JSON" if args.json else "a table"
     print(

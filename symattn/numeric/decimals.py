@@ -26,7 +26,7 @@ MAX_GUARD_DIGITS = 2000
 
 
 def check_digits(digits: int, name: str = "digits") -> int:
-    """Raise InvalidInputError unless 1 ≤ digits ≤ MAX_DIGITS; ``name`` is what the message calls the value."""
+    """Raise InvalidInputError unless 1 ≤ digits ≤ MAX_DIGITS. The message calls the value ``name``."""
     if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
         raise InvalidInputError(
             f"{name} is {digits!r}; expected an integer from 1 to {MAX_DIGITS}"
